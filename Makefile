@@ -1,0 +1,33 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+# Each creates and fills .venv on first use: torch first (pinned, so pip never pulls a multi-GB CUDA build on a
+# CPU machine; set TORCH=torch on a GPU box), then the package with the tested versions from constraints.txt.
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider --durations=15
+
+.PHONY: demo test test-fast lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -c "import torch; print('torch', torch.__version__)"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/synadapt demo --out runs/demo
+
+# The multi-node cluster test runs in its own pytest process: its `ray stop` would kill a shared Ray session.
+# pytest exits 5 when a marker selects no test; that is not a failure here.
+test: $(STAMP)
+	$(PYTEST) -m "not cluster"
+	$(PYTEST) -m cluster || [ $$? -eq 5 ]
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check synadapt jobs serve tests bench
+
+clean:
+	rm -rf $(VENV) runs

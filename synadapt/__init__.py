@@ -1,0 +1,1 @@
+"""synadapt: think only as much as each question needs."""

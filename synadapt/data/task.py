@@ -1,0 +1,98 @@
+"""The embedded reasoning task: chains of modular assignments with a difficulty knob.
+
+A level-L question defines L+1 variables in dependency order; the first is a digit, every later one applies one
+operation to the previous variable. All values are taken mod ``modulus``. Example (level 3)::
+
+    question : m=4;y=m+7;n=y-4;b=n+5;?b
+    long_cot : m=4,y+7=1,n-4=7,b+5=2
+    short_cot: 4,1,7,2
+    answer   : 2
+
+One character is one token (the tiny reasoner's tokenizer is a character-level Qwen2 byte-level BPE), so there are
+no spaces: a space would cost a token of its own in front of every digit.
+
+The long chain of thought restates each operand before its result, so every step is one local operation (the
+values-only format fails to train, see shared/TOY_NOTES.md). The short chain keeps only the values: compact, and
+harder to learn, which is exactly the long/short trade-off AdaR1 needs. With ops {+,-} the answer is a signed sum of
+digits, so answering without thinking degrades gradually with the number of terms rather than falling off a cliff.
+Everything is a pure function of the seed.
+"""
+from __future__ import annotations
+
+import random
+import string
+from dataclasses import dataclass
+
+
+
+@dataclass
+class TaskConfig:
+    """Shape of the embedded task."""
+
+    levels: int = 6
+    """Difficulty levels 1..levels; level L has L dependent operations."""
+    ops: str = "+-"
+    """Operations to draw from; '*' makes the direct answer much harder (no gradual slope)."""
+    modulus: int = 10
+    seed: int = 0
+    train_per_level: int = 400
+    val_per_level: int = 50
+    test_per_level: int = 100
+
+
+def make_problem(rng: random.Random, level: int, cfg: TaskConfig) -> dict:
+    """One problem record of the given level, drawn from ``rng``."""
+    names = rng.sample(string.ascii_lowercase, level + 1)
+    value = rng.randrange(cfg.modulus)
+    statements = [f"{names[0]}={value}"]
+    steps = [f"{names[0]}={value}"]
+    values = [value]
+    for i in range(1, level + 1):
+        op, operand = rng.choice(cfg.ops), rng.randrange(cfg.modulus)
+        value = {"+": value + operand, "-": value - operand, "*": value * operand}[op] % cfg.modulus
+        statements.append(f"{names[i]}={names[i - 1]}{op}{operand}")
+        steps.append(f"{names[i]}{op}{operand}={value}")
+        values.append(value)
+    question = ";".join(statements) + f";?{names[-1]}"
+    return {
+        "question": question,
+        "answer": str(value),
+        "long_cot": ",".join(steps),
+        "short_cot": ",".join(str(v) for v in values),
+        "difficulty": level,
+    }
+
+
+def sample_problems(seed: int, n_per_level: int, cfg: TaskConfig, exclude: set[str] = frozenset(),
+                    prefix: str = "q") -> list[dict]:
+    """``n_per_level`` distinct problems per level, none of whose questions is in ``exclude``."""
+    rng = random.Random(seed)
+    records, seen = [], set(exclude)
+    for level in range(1, cfg.levels + 1):
+        made = 0
+        while made < n_per_level:
+            p = make_problem(rng, level, cfg)
+            if p["question"] in seen:
+                continue
+            seen.add(p["question"])
+            records.append({"id": f"{prefix}-L{level}-{made:05d}", **p})
+            made += 1
+    return records
+
+
+def make_splits(cfg: TaskConfig) -> dict[str, list[dict]]:
+    """Disjoint train/val/test splits, deterministic in ``cfg.seed``; test is drawn first so it never moves."""
+    test = sample_problems(cfg.seed * 1000 + 1, cfg.test_per_level, cfg, prefix="test")
+    val = sample_problems(cfg.seed * 1000 + 2, cfg.val_per_level, cfg, {p["question"] for p in test}, prefix="val")
+    held = {p["question"] for p in test + val}
+    train = sample_problems(cfg.seed * 1000 + 3, cfg.train_per_level, cfg, held, prefix="train")
+    return {"train": train, "val": val, "test": test}
+
+
+def stream_problems(seed: int, cfg: TaskConfig, exclude: set[str]):
+    """Endless stream of fresh problems (uniform over levels) for training, skipping held-out questions."""
+    rng = random.Random(seed)
+    while True:
+        p = make_problem(rng, rng.randint(1, cfg.levels), cfg)
+        if p["question"] not in exclude:
+            yield p

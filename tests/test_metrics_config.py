@@ -1,0 +1,45 @@
+import json
+from dataclasses import dataclass, field
+
+import pytest
+
+from synadapt.config import describe, load_config
+from synadapt.demo import DemoConfig
+from synadapt.eval.metrics import markdown_table, summarize, with_rel_g, write_results
+
+
+def _records(accs, tokens, level):
+    return [{"correct": a, "generated_tokens": t, "forward_positions": t + 10, "seconds": 0.01, "difficulty": level}
+            for a, t in zip(accs, tokens)]
+
+
+def test_rows_rel_g_and_results_files(tmp_path):
+    long = summarize("long_cot", _records([1, 1, 1, 0], [40, 40, 40, 40], 1) + _records([1, 1], [80, 80], 2))
+    fast = summarize("nothink", _records([1, 0, 1, 0], [2, 2, 2, 2], 1) + _records([0, 0], [2, 2], 2))
+    assert long["accuracy"] == pytest.approx(5 / 6) and long["by_difficulty"]["2"]["mean_generated_tokens"] == 80
+    rows = with_rel_g([long, fast])
+    assert rows[0]["rel_g"] == pytest.approx(1.0)
+    assert rows[1]["rel_g"] == pytest.approx(((2 / 6) / (5 / 6)) / (2 / (320 / 6)))
+    path = write_results(tmp_path, "t", "m", rows)
+    data = json.loads(path.read_text())
+    assert [r["method"] for r in data["rows"]] == ["long_cot", "nothink"]
+    assert (tmp_path / "accuracy_vs_tokens.png").stat().st_size > 1000
+    assert (tmp_path / "accuracy_vs_forward_positions.png").exists()
+    assert "| nothink |" in markdown_table(rows) and "L2" in markdown_table(rows)
+    with pytest.raises(ValueError, match="no records"):
+        summarize("empty", [])
+
+
+def test_config_yaml_overrides_and_errors(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("out: runs/x\ntask:\n  levels: 4\nreasoner:\n  lr: 1\n")
+    cfg = load_config(DemoConfig, f, ["--task.levels", "3", "--generation.max_new_tokens=12"])
+    assert cfg.out == "runs/x" and cfg.task.levels == 3 and cfg.generation.max_new_tokens == 12
+    assert cfg.reasoner.lr == 1.0 and isinstance(cfg.reasoner.lr, float)
+    assert cfg.task.ops == "+-"  # untouched nested defaults survive a partial section
+    with pytest.raises(ValueError, match="task.levelz"):
+        load_config(DemoConfig, None, ["--task.levelz", "3"])
+    with pytest.raises(ValueError, match="must be int"):
+        load_config(DemoConfig, None, {"task": {"levels": "many"}})
+    help_lines = "\n".join(describe(DemoConfig))
+    assert "--task.levels (default 6)" in help_lines and "Difficulty levels" in help_lines

@@ -1,0 +1,44 @@
+from synadapt.data.task import TaskConfig, make_problem, make_splits, sample_problems
+import random
+
+
+def _value_of(question: str) -> int:
+    """Evaluate a task question independently of the generator, statement by statement."""
+    env = {}
+    *statements, query = question.split(";")
+    for s in statements:
+        name, expr = s.split("=")
+        if expr.isdigit():
+            env[name] = int(expr)
+        else:
+            var, op, operand = expr[0], expr[1], int(expr[2:])
+            env[name] = {"+": env[var] + operand, "-": env[var] - operand, "*": env[var] * operand}[op] % 10
+    return env[query.lstrip("?")]
+
+
+def test_splits_are_deterministic_and_disjoint():
+    cfg = TaskConfig(train_per_level=30, val_per_level=10, test_per_level=20)
+    a, b = make_splits(cfg), make_splits(cfg)
+    assert a == b
+    qs = {k: {p["question"] for p in v} for k, v in a.items()}
+    assert not (qs["train"] & qs["test"]) and not (qs["val"] & qs["test"]) and not (qs["train"] & qs["val"])
+    assert len(a["test"]) == 20 * cfg.levels
+    assert make_splits(TaskConfig(seed=1, train_per_level=30, val_per_level=10, test_per_level=20)) != a
+
+
+def test_records_are_correct_and_difficulty_is_number_of_steps():
+    cfg = TaskConfig(ops="+-*")
+    for p in sample_problems(7, 25, cfg):
+        assert set(p) >= {"id", "question", "answer", "long_cot", "short_cot", "difficulty"}
+        assert int(p["answer"]) == _value_of(p["question"])
+        assert p["question"].count(";") == p["difficulty"] + 1
+        assert len(p["long_cot"].split(",")) == p["difficulty"] + 1
+        assert p["short_cot"].split(",")[-1] == p["answer"]
+        assert p["long_cot"].endswith("=" + p["answer"])
+        assert len(p["short_cot"]) < len(p["long_cot"])
+
+
+def test_level_and_ops_knobs():
+    rng = random.Random(0)
+    p = make_problem(rng, 4, TaskConfig(ops="+"))
+    assert "-" not in p["question"] and "*" not in p["question"] and p["difficulty"] == 4
