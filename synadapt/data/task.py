@@ -51,7 +51,7 @@ def make_problem(rng: random.Random, level: int, cfg: TaskConfig) -> dict:
         op, operand = rng.choice(cfg.ops), rng.randrange(cfg.modulus)
         value = {"+": value + operand, "-": value - operand, "*": value * operand}[op] % cfg.modulus
         statements.append(f"{names[i]}={names[i - 1]}{op}{operand}")
-        steps.append(f"{names[i]}{op}{operand}={value}")
+        steps.append(f"{names[i]}={values[-1]}{op}{operand}={value}")
         values.append(value)
     question = ";".join(statements) + f";?{names[-1]}"
     return {
