@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/synadapt demo --out runs/demo
+	$(VENV)/bin/synadapt demo --config configs/toy.yaml --out runs/demo
 
 # The multi-node cluster test runs in its own pytest process: its `ray stop` would kill a shared Ray session.
 # pytest exits 5 when a marker selects no test; that is not a failure here.

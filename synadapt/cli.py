@@ -8,20 +8,39 @@ from pathlib import Path
 
 from synadapt.config import deep_merge, describe, load_config, parse_overrides
 
-QUICK = {"task": {"test_per_level": 20, "val_per_level": 10, "train_per_level": 50},
-         "reasoner": {"train_seconds": 60.0}}
+QUICK = {
+    "task": {"test_per_level": 10, "val_per_level": 10, "train_per_level": 20},
+    "synthesize": {"synthesis": {"max_steps": 40}},
+    "wrong_target_questions": 24,
+    "train_refiner": {"refiner": {"train_seconds": 20.0}},
+    "taus": [0.5],
+    "sft": {"train": {"max_steps": 20}},
+    "preferences": {"k": 4, "data": {"limit": 24}},
+    "dpo": {"train": {"max_steps": 10}},
+}
+"""``--quick``: every stage on a few questions (a smoke run of the real code path, not real numbers)."""
 
 
 def cmd_demo(args, overrides: list[str]) -> int:
-    from synadapt.demo import DemoConfig, run_demo
+    from jobs.pipeline import PipelineConfig, run_pipeline
 
     values = parse_overrides(overrides)
     if args.quick:  # flags given on the command line still win over the quick sizes
         values = deep_merge(QUICK, values)
-    cfg = load_config(DemoConfig, args.config, values)
+    cfg = load_config(PipelineConfig, args.config, values)
     if args.out:
         cfg.out = args.out
-    run_demo(cfg)
+    results = run_pipeline(cfg)
+    print(f"\nwrote {cfg.out}/results.json, results.md and plots ({results['wall_seconds']:.0f} s)")
+    return 0
+
+
+def cmd_serve(args, overrides: list[str]) -> int:
+    from serve.launch import serve_run_dir
+
+    if overrides:
+        raise SystemExit(f"synadapt serve: unknown arguments {overrides}")
+    serve_run_dir(args.run_dir, host=args.host, port=args.port, config_path=args.config)
     return 0
 
 
@@ -29,9 +48,8 @@ def cmd_eval(args, overrides: list[str]) -> int:
     import json
 
     from synadapt.data.problems import load_problems
-    from synadapt.demo import write_records
     from synadapt.eval.evaluate import evaluate_generation
-    from synadapt.eval.metrics import markdown_table, summarize, write_results
+    from synadapt.eval.metrics import markdown_table, summarize, write_records, write_results
     from synadapt.models.lm import GenerationConfig, PromptFormat, load_model
 
     if overrides:
@@ -56,7 +74,7 @@ def cmd_eval(args, overrides: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from synadapt.demo import DemoConfig
+    from jobs.pipeline import PipelineConfig
 
     parser = argparse.ArgumentParser(prog="synadapt", description="Adaptive reasoning: SynAdapt + AdaR1 on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,11 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         "demo", help="run the end-to-end pipeline on the embedded task and print the results table",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config fields, each settable as --dotted.name VALUE (overrides the YAML file):\n"
-               + "\n".join(describe(DemoConfig)))
-    demo.add_argument("--config", help="YAML file with DemoConfig fields (see configs/toy.yaml)")
+               + "\n".join(describe(PipelineConfig)))
+    demo.add_argument("--config", help="YAML file with PipelineConfig fields (see configs/toy.yaml)")
     demo.add_argument("--out", help="run directory (same as --out in the config)")
     demo.add_argument("--quick", action="store_true",
-                      help="small smoke run: 20 test questions per level and a 60 s reasoner")
+                      help="smoke run: every stage on a few questions (the code path, not the real numbers)")
     ev = sub.add_parser("eval", help="evaluate any causal LM on a dataset in one generation mode")
     ev.add_argument("--model", required=True, help="model path or hub id")
     ev.add_argument("--data", required=True, help="JSONL, Parquet, a saved HF dataset dir, or a hub dataset name")
@@ -85,10 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--device", help="cuda / cpu (default: cuda when available)")
     ev.add_argument("--think-start", default="<think>", help="opening think marker of the model")
     ev.add_argument("--think-end", default="</think>", help="closing think marker of the model")
+    sv = sub.add_parser("serve", help="serve a `synadapt demo` run directory with Ray Serve (OpenAI-compatible API)")
+    sv.add_argument("--run-dir", required=True, help="output directory of `synadapt demo` (or a reasoner run dir)")
+    sv.add_argument("--host", default="127.0.0.1", help="listen address (loopback unless told otherwise)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--config", help="Serve config YAML (default serve/config.yaml)")
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return {"demo": cmd_demo, "eval": cmd_eval}[args.command](args, overrides)
+        return {"demo": cmd_demo, "eval": cmd_eval, "serve": cmd_serve}[args.command](args, overrides)
     except ValueError as e:  # bad config keys/values: one clear line, not a traceback
         print(f"synadapt {args.command}: {e}", file=sys.stderr)
         return 2

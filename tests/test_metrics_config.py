@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from synadapt.config import describe, load_config
-from synadapt.demo import DemoConfig
+from jobs.pipeline import PipelineConfig
 from synadapt.eval.metrics import markdown_table, summarize, with_rel_g, write_results
 
 
@@ -33,13 +33,13 @@ def test_rows_rel_g_and_results_files(tmp_path):
 def test_config_yaml_overrides_and_errors(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("out: runs/x\ntask:\n  levels: 4\nreasoner:\n  lr: 1\n")
-    cfg = load_config(DemoConfig, f, ["--task.levels", "3", "--generation.max_new_tokens=12"])
+    cfg = load_config(PipelineConfig, f, ["--task.levels", "3", "--generation.max_new_tokens=12"])
     assert cfg.out == "runs/x" and cfg.task.levels == 3 and cfg.generation.max_new_tokens == 12
     assert cfg.reasoner.lr == 1.0 and isinstance(cfg.reasoner.lr, float)
     assert cfg.task.ops == "+-"  # untouched nested defaults survive a partial section
     with pytest.raises(ValueError, match="task.levelz"):
-        load_config(DemoConfig, None, ["--task.levelz", "3"])
+        load_config(PipelineConfig, None, ["--task.levelz", "3"])
     with pytest.raises(ValueError, match="must be int"):
-        load_config(DemoConfig, None, {"task": {"levels": "many"}})
-    help_lines = "\n".join(describe(DemoConfig))
+        load_config(PipelineConfig, None, {"task": {"levels": "many"}})
+    help_lines = "\n".join(describe(PipelineConfig))
     assert "--task.levels (default 6)" in help_lines and "Difficulty levels" in help_lines

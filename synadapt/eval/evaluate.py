@@ -17,3 +17,21 @@ def evaluate_generation(model, tok, problems: list[dict], mode: str, gen: Genera
                         "prediction": pred, "correct": correct, "generated_tokens": g.generated_tokens,
                         "forward_positions": g.forward_positions, "seconds": g.seconds})
     return records
+
+
+def evaluate_adaptive(reasoner, problems: list[dict], mode: str = "auto", tau: float = 0.5,
+                      gen: GenerationConfig = GenerationConfig(), zero_latents: bool = False,
+                      easy_route: str = "latent") -> list[dict]:
+    """Run an :class:`~synadapt.latent.reasoner.AdaptiveReasoner` on every problem and grade it.
+
+    Records carry the evaluate_generation fields plus ``route`` and ``score``; ``seconds`` sums every stage.
+    """
+    results = reasoner.answer([p["question"] for p in problems], mode, tau, gen, zero_latents, easy_route)
+    records = []
+    for p, r in zip(problems, results):
+        correct, pred = grade(r["text"] or "", p["answer"], reasoner.fmt.think_end)
+        records.append({"id": p["id"], "difficulty": p.get("difficulty"), "mode": mode, "response": r["text"],
+                        "prediction": pred, "correct": correct, "generated_tokens": r["generated_tokens"],
+                        "forward_positions": r["forward_positions"], "seconds": sum(r["seconds"].values()),
+                        "route": r["route"], "score": r["score"]})
+    return records

@@ -108,3 +108,13 @@ def write_results(out_dir: str | Path, task: str, model: str, rows: list[dict], 
     plot_accuracy_vs_cost(rows, out / "accuracy_vs_tokens.png")
     plot_accuracy_vs_cost(rows, out / "accuracy_vs_forward_positions.png", cost="mean_forward_positions")
     return path
+
+
+def write_records(out_dir: str | Path, method: str, records: list[dict]) -> Path:
+    """Per-question records as ``records/<method>.jsonl``, so any row can be audited question by question."""
+    path = Path(out_dir) / "records" / f"{method}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return path

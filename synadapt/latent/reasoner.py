@@ -39,18 +39,22 @@ class AdaptiveReasoner:
         meta = json.loads((run / "reasoner.json").read_text())
         model, tok = load_model(meta["base_model"], device=device)
         refiner = Refiner.load(model, run / "refiner").eval()
-        classifier = DifficultyClassifier.load(run / "classifier").to(model.device)
+        # A run without a classifier yet (stage 3 labels its questions with the refiner alone) scores nothing.
+        classifier = DifficultyClassifier.load(run / "classifier").to(model.device) \
+            if (run / "classifier" / "classifier.json").exists() else None
         long = load_model(long_model, device=device) if long_model else (None, None)
         return cls(model, tok, refiner, classifier, PromptFormat(**meta.get("prompt", {})), *long)
 
     @staticmethod
-    def save_run(run_dir: str | Path, base_model: str, refiner: Refiner, classifier: DifficultyClassifier,
-                 fmt: PromptFormat = PromptFormat(), **meta) -> str:
-        """Write a run directory that :meth:`load` reads."""
+    def save_run(run_dir: str | Path, base_model: str, refiner: Refiner | None,
+                 classifier: DifficultyClassifier | None, fmt: PromptFormat = PromptFormat(), **meta) -> str:
+        """Write a run directory that :meth:`load` reads (parts given as None are left as they are)."""
         run = Path(run_dir)
         run.mkdir(parents=True, exist_ok=True)
-        refiner.save(run / "refiner")
-        classifier.save(run / "classifier")
+        if refiner is not None:
+            refiner.save(run / "refiner")
+        if classifier is not None:
+            classifier.save(run / "classifier")
         (run / "reasoner.json").write_text(json.dumps({"base_model": str(base_model), "prompt": asdict(fmt),
                                                        **meta}, indent=2))
         return str(run)
@@ -74,10 +78,21 @@ class AdaptiveReasoner:
         prompts = self.prompt_ids(questions)
         z, feats, cost = self.refiner.refine(prompts, zero=zero_latents)
         t1 = time.perf_counter()
-        scores = self.classifier.score(feats.to(self.model.device)).cpu()
+        scores = self.classifier.score(feats.to(self.model.device)).cpu() if self.classifier else None
         t2 = time.perf_counter()
-        return {"prompt_ids": prompts, "z": z, "scores": scores, "refine_positions": cost.cpu().tolist(),
+        return {"prompt_ids": prompts, "z": z, "features": feats.cpu(), "scores": scores,
+                "refine_positions": cost.cpu().tolist(),
                 "seconds": {"refine": (t1 - t0) / len(questions), "classify": (t2 - t1) / len(questions)}}
+
+    @torch.no_grad()
+    def answer_nll(self, prompts: list[list[int]], z: torch.Tensor, answers: list[dict]) -> torch.Tensor:
+        """Mean negative log-likelihood of each latent answer under the frozen base (the perplexity baseline)."""
+        tails = [[self.end_id] + self.tok.encode(a["text"], add_special_tokens=False) + [self.tok.eos_token_id]
+                 for a in answers]
+        logits, labels = self.refiner.answer_logits(prompts, z, tails)
+        from synadapt.latent.sequence import answer_loss
+
+        return answer_loss(logits, labels, per_row=True).cpu()
 
     @torch.no_grad()
     def answer_from_latents(self, prompts: list[list[int]], z: torch.Tensor, max_new_tokens: int = 16) -> list[dict]:

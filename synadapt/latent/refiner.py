@@ -76,8 +76,9 @@ class Refiner(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.draft_id = draft_id
-        base_model.requires_grad_(False)
         if adapted is None:
+            # Before the adapter exists: freezing later would also freeze LoRA weights injected into the base.
+            base_model.requires_grad_(False)
             if cfg.adapter == "lora":
                 from peft import LoraConfig, get_peft_model
 
@@ -195,7 +196,7 @@ class Refiner(nn.Module):
         return self.loss(batch)[0]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.adapted.parameters() if p.requires_grad] + list(self.proj.parameters())
+        return [p for p in list(self.adapted.parameters()) + list(self.proj.parameters()) if p.requires_grad]
 
     def save(self, out_dir: str | Path) -> None:
         """Adapter (PEFT dir, or a full HF model dir) + projection.safetensors + refiner.json."""
@@ -208,21 +209,25 @@ class Refiner(nn.Module):
                                                      indent=2))
 
     @classmethod
-    def load(cls, base_model, in_dir: str | Path) -> "Refiner":
-        """Rebuild a saved refiner on top of ``base_model`` (weights only: safetensors, no pickles)."""
+    def load(cls, base_model, in_dir: str | Path, trainable: bool = False) -> "Refiner":
+        """Rebuild a saved refiner on top of ``base_model`` (weights only: safetensors, no pickles);
+        ``trainable`` re-enables gradients on the adapter and projection (resuming training)."""
         src = Path(in_dir)
         meta = json.loads((src / "refiner.json").read_text())
         cfg = RefinerConfig(**meta["config"])
         if cfg.adapter == "lora":
             from peft import PeftModel
 
-            adapted = PeftModel.from_pretrained(base_model, src / "adapter")
+            adapted = PeftModel.from_pretrained(base_model, src / "adapter", is_trainable=trainable)
         else:
             from transformers import AutoModelForCausalLM
 
             adapted = AutoModelForCausalLM.from_pretrained(src / "model", dtype=base_model.dtype).to(base_model.device)
+            adapted.requires_grad_(trainable)
+            base_model.requires_grad_(False)
         proj = Projection(base_model.config.hidden_size)
         proj.load_state_dict(load_file(src / "projection.safetensors"))
+        proj.requires_grad_(trainable)
         return cls(base_model, cfg, meta["draft_id"], adapted=adapted.eval(), projection=proj.to(base_model.device))
 
 

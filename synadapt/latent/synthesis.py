@@ -37,7 +37,9 @@ class SynthesisConfig:
     min_steps: int = 30
     """Keep optimising at least this long before a correct answer counts as converged."""
     init: str = "dcot"
-    """``dcot``: m mean-pooled chunks of the DCoT's input embeddings; ``random``: N(0, std of the embedding table)."""
+    """``dcot``: m mean-pooled chunks of the DCoT's input embeddings; ``random``: N(0, std of the embedding table);
+    ``targets``: the embeddings of the question's per-latent targets (its intermediate results, when the data has
+    them), so every Z_syn starts as a readable step-by-step thought and stays structured."""
     norm_scale: float = 1.5
     """Clip every latent row to this multiple of the embedding table's mean row norm."""
     batch_size: int = 64
@@ -91,10 +93,14 @@ def synthesize_latents(model, tok, batch: list[dict], cfg: SynthesisConfig, thin
         if cfg.init == "dcot":
             z0 = torch.stack([chunk_mean_embeddings(embed(torch.tensor(b["dcot_ids"] or [end_id], device=model.device))
                                                     .float(), cfg.m) for b in batch])
+        elif cfg.init == "targets":
+            if any(b.get("target_ids") is None for b in batch):
+                raise ValueError("synthesis init 'targets' needs per-latent targets (latent_targets or short_cot)")
+            z0 = embed(torch.tensor([b["target_ids"] for b in batch], device=model.device)).float()
         elif cfg.init == "random":
             z0 = torch.randn(len(batch), cfg.m, table.shape[1], device=model.device) * table.std()
         else:
-            raise ValueError(f"unknown synthesis init {cfg.init!r}; expected dcot or random")
+            raise ValueError(f"unknown synthesis init {cfg.init!r}; expected dcot, targets or random")
     z = z0.clone().requires_grad_(True)
     opt = torch.optim.Adam([z], lr=cfg.lr)
     done = torch.zeros(len(batch), dtype=torch.bool)
