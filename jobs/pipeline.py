@@ -104,7 +104,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     from jobs.train_refiner import run_train_refiner
 
     t0 = time.time()
-    out = Path(cfg.out)
+    out = Path(cfg.out).resolve()  # Ray Train workers run in their own working directories
     stages = Stages(out)
     model = base_model(cfg)
     shared = {"task": cfg.task, "prompt": cfg.prompt}

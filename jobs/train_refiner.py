@@ -81,7 +81,8 @@ def run_train_refiner(cfg: RefinerJobConfig) -> dict:
         raise ValueError(f"train_refiner: no converged Z_syn records in {cfg.zsyn_dir!r}; run jobs.synthesize first")
     init_ray()
     result = fit_torch_trainer(refiner_train_loop, {"cfg": asdict(cfg), "zsyn": zsyn}, name="train_refiner",
-                               storage_path=cfg.storage_path or str(Path(cfg.out_dir).absolute() / "ray"),
+                               # Beside out_dir, never inside it: out_dir is replaced by the final checkpoint.
+                               storage_path=cfg.storage_path or str(Path(cfg.out_dir).absolute().parent / "ray"),
                                num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, max_failures=cfg.max_failures,
                                resources_per_worker={"CPU": cfg.threads / max(cfg.num_workers, 1)}
                                if not cfg.use_gpu else None)

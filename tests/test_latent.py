@@ -122,6 +122,16 @@ def test_routing_honours_tau_and_mode(tiny_dir, tmp_path):
     assert {r["route"] for r in never} == {"latent"} and all(r["score"] is not None for r in never)
     assert {r["route"] for r in reasoner.answer(qs, "latent", tau=0.0, gen=gen)} == {"latent"}
     assert {r["route"] for r in reasoner.answer(qs, "long", gen=gen)} == {"long"}
+    # Re-thinking is plain generation with the base weights: the refiner's LoRA must be off for it.
+    from synadapt.models.lm import build_prompt, generate
+
+    with torch.no_grad():  # a trained adapter is non-zero; a fresh one (lora_B = 0) would hide the bug
+        for name, p in reasoner.refiner.adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1.0)
+    plain, tok = load_model(tiny_dir)
+    expected = generate(plain, tok, [build_prompt(tok, q, "concise") for q in qs], gen)
+    assert [r["text"] for r in reasoner.answer(qs, "long", gen=gen)] == [g.text for g in expected]
     control = reasoner.answer(qs, "auto", tau=1.0, gen=gen, easy_route="nothink")
     assert {r["route"] for r in control} == {"latent"} and all(r["text"].startswith("</think>") for r in control)
     with pytest.raises(ValueError, match="unknown reasoning mode"):

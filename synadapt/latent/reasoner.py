@@ -8,6 +8,7 @@ A run directory holds everything needed::
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict
@@ -180,7 +181,10 @@ class AdaptiveReasoner:
         if not idx:
             return
         prompts = [build_prompt(tok, questions[i], prompt_mode, self.fmt) for i in idx]
-        for i, g in zip(idx, generate(model, tok, prompts, gen)):
+        # The LoRA adapter lives inside the base model's modules: plain generation must switch it off.
+        with self.refiner.frozen_base() if model is self.model else contextlib.nullcontext():
+            generations = generate(model, tok, prompts, gen)
+        for i, g in zip(idx, generations):
             r = results[i]
             # A NoThinking prompt already closed the think block; put the marker back so grading finds the answer.
             r["text"] = self.fmt.think_end + g.text if prompt_mode == "nothink" else g.text

@@ -255,7 +255,7 @@ def train_refiner(refiner: Refiner, examples: list[dict], cfg: RefinerConfig, st
             loss = engine(batch)
             engine.backward(loss)
             engine.step()
-            parts = {"loss": loss.item()}
+            parts = {"total": loss.item()}
         else:
             loss, parts = refiner.loss(batch)
             opt.zero_grad(set_to_none=True)

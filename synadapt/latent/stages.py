@@ -93,7 +93,7 @@ class RefinerJobConfig:
     max_failures: int = 2
     threads: int = 2
     storage_path: str = ""
-    """Ray Train storage (checkpoints); empty means ``<out_dir>/ray``."""
+    """Ray Train storage (checkpoints); empty means ``ray/`` beside ``out_dir``."""
 
 
 def zsyn_array(record: dict):
