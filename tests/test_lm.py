@@ -19,7 +19,8 @@ def test_prompts_for_toy_and_r1_templates(tiny_dir):
     assert long.endswith("<｜Assistant｜><think>\n") and long.count("<think>") == 1
     fmt = PromptFormat(nothink_prefill="Okay, I think I have finished thinking.\n")
     assert build_prompt(tok, "q", "nothink", fmt).endswith("<think>\nOkay, I think I have finished thinking.\n</think>")
-    assert build_prompt(tok, "q", "concise").startswith(tok.bos_token + PromptFormat().concise_instruction)
+    concise = build_prompt(tok, "q", "concise")
+    assert PromptFormat().concise_instruction in concise and concise.endswith("<｜User｜>q<｜Assistant｜><think>\n")
     with pytest.raises(ValueError, match="unknown prompt mode"):
         build_prompt(tok, "q", "fast")
 

@@ -51,7 +51,7 @@ def test_ensure_trains_once_then_reuses(tmp_path):
                              batch_size=8)
     task = TaskConfig(levels=2, test_per_level=5, val_per_level=5, train_per_level=5)
     first = ensure_tiny_reasoner(tmp_path, cfg, task)
-    assert first["steps"] > 0 and (tmp_path / "model.safetensors").exists()
+    assert first["main"]["steps"] > 0 and (tmp_path / "model.safetensors").exists()
     mtime = (tmp_path / "model.safetensors").stat().st_mtime
     assert ensure_tiny_reasoner(tmp_path, cfg, task) == first
     assert (tmp_path / "model.safetensors").stat().st_mtime == mtime

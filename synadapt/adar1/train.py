@@ -72,7 +72,8 @@ class TrainSettings:
     threads_per_worker: int = 1
     """torch threads per worker: keep num_workers × threads within the machine's cores."""
     storage_path: str = ""
-    """Ray Train storage for checkpoints (shared storage on a multi-node cluster); empty = ``<output_dir>/ray``."""
+    """Ray Train storage for checkpoints (shared storage on a multi-node cluster); empty = ``<output_dir>-ray``,
+    beside the model, so the exported directory holds only the model."""
     run_name: str = ""
     """Ray Train run name; empty = the stage name. Same name + storage path = resume."""
     max_failures: int = 2

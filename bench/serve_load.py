@@ -1,0 +1,213 @@
+"""Load test of the serving graph on loopback: requests/s and p50/p99 latency, auto vs always-long, and the
+graph's overhead per request against calling the same models in-process.
+
+    python bench/serve_load.py --run-dir runs/demo            # a trained SynAdapt run
+    python bench/serve_load.py --base-model DIR               # untrained refiner + classifier on DIR's model
+
+Every level is bounded by a request count and a duration; the server binds 127.0.0.1 only. Writes
+bench/out/serve_load.json and prints a table.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `serve` is a top-level package of this repo
+
+from synadapt.data.task import TaskConfig, make_splits
+
+
+def post(url: str, body: dict, timeout: float = 120.0) -> tuple[int, dict | None]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, None
+    except OSError:
+        return 0, None
+
+
+def load_level(url: str, questions: list[str], mode: str, concurrency: int, count: int, duration: float,
+               max_tokens: int, tau: float) -> dict:
+    """``count`` requests (or fewer when ``duration`` runs out) from ``concurrency`` closed-loop clients."""
+    lock, results, next_i = threading.Lock(), [], [0]
+    t_end = time.perf_counter() + duration
+
+    def client():
+        while time.perf_counter() < t_end:
+            with lock:
+                i = next_i[0]
+                next_i[0] += 1
+            if i >= count:
+                return
+            body = {"model": "synadapt", "max_tokens": max_tokens, "reasoning_mode": mode, "tau": tau,
+                    "messages": [{"role": "user", "content": questions[i % len(questions)]}]}
+            t0 = time.perf_counter()
+            status, resp = post(f"{url}/chat/completions", body)
+            results.append((time.perf_counter() - t0, status, (resp or {}).get("synadapt")))
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for f in [pool.submit(client) for _ in range(concurrency)]:
+            f.result()
+    wall = time.perf_counter() - t0
+    ok = [(lat, meta) for lat, status, meta in results if status == 200]
+    lat = np.array([x for x, _ in ok]) * 1000 if ok else np.array([np.nan])
+    return {"mode": mode, "concurrency": concurrency, "requests": len(results), "errors": len(results) - len(ok),
+            "wall_s": round(wall, 2), "rps": round(len(ok) / wall, 2),
+            "p50_ms": round(float(np.percentile(lat, 50)), 1), "p99_ms": round(float(np.percentile(lat, 99)), 1),
+            "mean_ms": round(float(lat.mean()), 1),
+            "long_share": round(sum(m["route"] == "long" for _, m in ok) / max(len(ok), 1), 3),
+            "mean_generated_tokens": round(statistics.fmean(m["generated_tokens"] for _, m in ok), 1) if ok else None}
+
+
+class InProcess:
+    """The graph's path without the graph: latent route, then re-think if needed, one question per call."""
+
+    def __init__(self, run_dir: str, max_tokens: int, latent_tokens: int):
+        import torch
+
+        from serve.deployments import read_run
+        from synadapt.latent.reasoner import AdaptiveReasoner
+        from synadapt.models.lm import GenerationConfig, load_model
+
+        torch.set_num_threads(1)  # as in each serve replica (torch_threads: 1)
+        self.r = AdaptiveReasoner.load(run_dir)
+        base, self.fmt = read_run(run_dir)
+        # Like the LongCoT deployment: a model of its own (the reasoner's base carries the refiner's LoRA layers).
+        self.long_model, self.long_tok = load_model(base)
+        self.cfg = GenerationConfig(max_new_tokens=max_tokens, batch_size=1)
+        self.latent_tokens = min(max_tokens, latent_tokens)
+
+    def __call__(self, question: str, mode: str, tau: float) -> None:
+        from synadapt.models.lm import build_prompt, generate
+
+        rec = self.r.latent_route([question], [tau], [mode], max_new_tokens=self.latent_tokens)[0] \
+            if mode != "long" else {"route": "long"}
+        if rec["route"] == "long":
+            generate(self.long_model, self.long_tok, [build_prompt(self.long_tok, question, "concise", self.fmt)],
+                     self.cfg)
+
+
+def paired_overhead(url: str, local: InProcess, questions: list[str], mode: str, tau: float,
+                    max_tokens: int) -> dict:
+    """Served minus in-process latency, question by question, the two calls back to back (alternating which goes
+    first), so both see the same background load on a shared machine."""
+    diffs, served, direct = [], [], []
+    body = {"model": "synadapt", "max_tokens": max_tokens, "reasoning_mode": mode, "tau": tau}
+    for k, q in enumerate(questions[:2] + questions):  # the first two warm up and are not counted
+        t = {}
+        for side in (("served", "direct") if k % 2 else ("direct", "served")):
+            t0 = time.perf_counter()
+            if side == "served":
+                status, _ = post(f"{url}/chat/completions", {**body, "messages": [{"role": "user", "content": q}]})
+                assert status == 200, status
+            else:
+                local(q, mode, tau)
+            t[side] = (time.perf_counter() - t0) * 1000
+        if k >= 2:
+            served.append(t["served"])
+            direct.append(t["direct"])
+            diffs.append(t["served"] - t["direct"])
+    return {"mode": mode, "pairs": len(diffs), "served_mean_ms": round(statistics.fmean(served), 1),
+            "in_process_mean_ms": round(statistics.fmean(direct), 1),
+            "overhead_median_ms": round(statistics.median(diffs), 1),
+            "overhead_mean_ms": round(statistics.fmean(diffs), 1)}
+
+
+def untrained_run(base_model: str | None) -> tuple[str, str]:
+    """An untrained run dir on ``base_model`` (or on a freshly initialised tiny reasoner) and its description."""
+    from synadapt.latent.reasoner import AdaptiveReasoner
+    from synadapt.models.tiny import TinyReasonerConfig, build_model, build_tokenizer
+
+    tmp = tempfile.mkdtemp(prefix="serve_load_", dir="/tmp")
+    if not base_model:
+        base_model = f"{tmp}/base"
+        tok = build_tokenizer()
+        build_model(tok, TinyReasonerConfig()).save_pretrained(base_model)
+        tok.save_pretrained(base_model)
+    run = AdaptiveReasoner.init_untrained(base_model, f"{tmp}/run")
+    return run, f"untrained refiner + classifier on base model {base_model}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run-dir", help="SynAdapt run dir (reasoner.json); default: an untrained one")
+    ap.add_argument("--base-model", help="base model for the untrained run dir (default: a random tiny reasoner)")
+    ap.add_argument("--config", help="Serve config file (default serve/config.yaml)")
+    ap.add_argument("--port", type=int, default=8779)
+    ap.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts")
+    ap.add_argument("--modes", default="auto,long,latent", help="reasoning_mode values to compare")
+    ap.add_argument("--requests", type=int, default=96, help="requests per level (upper bound)")
+    ap.add_argument("--duration", type=float, default=60.0, help="seconds per level (upper bound)")
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--tau", type=float, help="tau of the auto rows (default: the config's)")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "serve_load.json"))
+    args = ap.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    t_start = time.time()
+
+    import ray
+    import yaml
+    from ray import serve
+
+    from serve.app import resolve_run_dir
+    from serve.launch import DEFAULT_CONFIG, serve_run_dir
+
+    app_args = yaml.safe_load(Path(args.config or DEFAULT_CONFIG).read_text())["applications"][0]["args"]
+    tau = app_args.get("tau", 0.5) if args.tau is None else args.tau
+
+    run_dir, kind = (resolve_run_dir(args.run_dir), "given") if args.run_dir else untrained_run(args.base_model)
+    questions = [p["question"] for p in make_splits(TaskConfig())["test"]]
+    questions = questions[::max(len(questions) // args.requests, 1)][:args.requests]  # spread over levels
+    modes = args.modes.split(",")
+    levels = [int(c) for c in args.concurrency.split(",")]
+
+    print(f"run: {run_dir} ({kind}); {len(questions)} questions", flush=True)
+    local = InProcess(run_dir, args.max_tokens, app_args.get("latent_answer_tokens", 16))
+    url = serve_run_dir(run_dir, host="127.0.0.1", port=args.port, config_path=args.config, blocking=False)
+    rows = []
+    try:
+        for m in modes:  # warm-up: the first requests after a deploy pay lazy set-up in every process
+            load_level(url, questions, m, 2, 16, 60, args.max_tokens, tau)
+        overhead = {m: paired_overhead(url, local, questions, m, tau, args.max_tokens) for m in modes}
+        for c in levels:
+            for m in modes:
+                rows.append(load_level(url, questions, m, c, args.requests, args.duration, args.max_tokens, tau))
+                print(json.dumps(rows[-1]), flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    result = {"run_dir": run_dir, "run_kind": kind, "questions": len(questions), "max_tokens": args.max_tokens,
+              "tau": tau, "config": args.config or "serve/config.yaml", "cpu_count": os.cpu_count(),
+              "rows": rows, "overhead_per_request": overhead,
+              "wall_s": round(time.time() - t_start, 1)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+
+    cols = ["mode", "concurrency", "requests", "errors", "rps", "p50_ms", "p99_ms", "mean_ms", "long_share",
+            "mean_generated_tokens"]
+    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(r[k]) for k in cols) + " |")
+    for m, o in overhead.items():
+        print(f"{m}: served {o['served_mean_ms']} ms vs in-process {o['in_process_mean_ms']} ms per request "
+              f"({o['pairs']} back-to-back pairs) -> graph overhead median {o['overhead_median_ms']} ms, "
+              f"mean {o['overhead_mean_ms']} ms")
+    print(f"wrote {args.out} ({result['wall_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""The Ray job layer on real local Ray with the tiny model: resumable actor-pool maps that survive actor deaths,
+malformed input, evaluation, and a Ray Train + DeepSpeed run that survives a worker death via its checkpoint.
+
+Classes and train loops that must reach Ray workers are defined inside the tests: cloudpickle ships local
+definitions by value, while a module-level one would need ``tests/`` importable on the workers.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from jobs.collect_dcot import DcotCollector, run_collect_dcot
+from jobs.common import deepspeed_config, fit_torch_trainer, load_stage_config, map_to_parquet, read_parquet_rows
+from jobs.evaluate import EvaluateConfig, run_evaluate
+from synadapt.adar1.data import DataSource
+from synadapt.config import build
+from synadapt.data.dcot import COLUMNS, CollectDcotConfig
+from synadapt.data.problems import write_jsonl
+from synadapt.data.task import TaskConfig, make_splits
+from synadapt.models.lm import GenerationConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TASK = TaskConfig(train_per_level=4, val_per_level=1, test_per_level=2)  # 24 training questions
+
+
+def dcot_config(model: str, out_dir: Path, **kw) -> CollectDcotConfig:
+    return CollectDcotConfig(**{"model": model, "task": TASK, "out_dir": str(out_dir), "batch_size": 6,
+                                "concurrency": 2, "generation": GenerationConfig(max_new_tokens=8), **kw})
+
+
+def shard_state(out_dir: Path) -> dict:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(out_dir.glob("*.parquet"))}
+
+
+# ------------------------------------------------------------------------------------------------ no Ray needed
+
+
+def test_deepspeed_config_templates():
+    hf = deepspeed_config(2)
+    assert hf["zero_optimization"]["stage"] == 2 and hf["bf16"] == {"enabled": "auto"}
+    assert hf["train_micro_batch_size_per_gpu"] == "auto" and hf["gradient_clipping"] == "auto"
+    raw = deepspeed_config(3, bf16=False, micro_batch=4, grad_accum=1)
+    assert raw["zero_optimization"]["stage"] == 3 and raw["fp16"] == {"enabled": False}
+    assert "auto" not in json.dumps(raw)
+    with pytest.raises(ValueError, match="'auto' values for"):
+        deepspeed_config(2, micro_batch=4)
+    with pytest.raises(ValueError, match="no DeepSpeed template for ZeRO stage 1"):
+        deepspeed_config(1)
+
+
+def test_duplicates_from_retried_writes_are_removed_and_broken_shards_set_aside(tmp_path):
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "v": [1, 2, 3]}), tmp_path / "s0.parquet")
+    pq.write_table(pa.table({"id": ["c", "d"], "v": [30, 4]}), tmp_path / "s1.parquet")
+    pq.write_table(pa.table({"id": ["b"], "v": [20]}), tmp_path / "s2.parquet")
+    (tmp_path / "s3.parquet").write_bytes(b"half a file from a killed writer")
+    rows = [{"id": i} for i in "abcd"]
+    counts = map_to_parquet(rows, object, {}, str(tmp_path))  # everything is done: no Ray execution at all
+    assert counts["skipped"] == 4 and counts["written"] == 0 and counts["duplicates_removed"] == 2
+    records = read_parquet_rows(str(tmp_path))
+    assert sorted(r["id"] for r in records) == list("abcd")
+    assert {r["id"]: r["v"] for r in records} == {"a": 1, "b": 2, "c": 3, "d": 4}  # the first record is kept
+    assert not (tmp_path / "s2.parquet").exists() and (tmp_path / "s3.bad").exists()
+    with pytest.raises(ValueError, match="duplicate input ids"):
+        map_to_parquet(rows + [{"id": "a"}], object, {}, str(tmp_path))
+
+
+def test_7b_config_and_cluster_manifests_are_well_formed():
+    cfg = load_stage_config(CollectDcotConfig, ["--config", str(ROOT / "configs/r1-distill-qwen-7b.yaml")],
+                            "collect_dcot")
+    assert cfg.num_gpus == 1 and cfg.model.startswith("deepseek-ai/") and cfg.generation.max_new_tokens >= 4096
+    ev = load_stage_config(EvaluateConfig, ["--config", str(ROOT / "configs/r1-distill-qwen-7b.yaml"),
+                                            "--concurrency", "3"], "evaluate")
+    assert ev.concurrency == 3 and ev.num_gpus == 1 and ev.model == cfg.model
+    full = yaml.safe_load((ROOT / "configs/r1-distill-qwen-7b.yaml").read_text())
+    assert full["synthesize"]["m"] == 16 and full["train_refiner"]["n"] == 4
+    assert full["train_refiner"]["deepspeed_stage"] == 2 and full["train_refiner"]["bf16"] is True
+
+    launcher = yaml.safe_load((ROOT / "cluster/launcher-gpu.yaml").read_text())
+    workers = {k: v for k, v in launcher["available_node_types"].items() if k != launcher["head_node_type"]}
+    assert launcher["head_node_type"] in launcher["available_node_types"] and workers
+    assert all(v["resources"].get("GPU", 0) >= 1 and v["min_workers"] <= v["max_workers"] for v in workers.values())
+    assert any("pip install" in c for c in launcher["setup_commands"])
+
+    rc = yaml.safe_load((ROOT / "cluster/kuberay/raycluster.yaml").read_text())
+    assert rc["kind"] == "RayCluster" and rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    group = rc["spec"]["workerGroupSpecs"][0]
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] >= 1 and group["minReplicas"] <= group["maxReplicas"]
+    job = yaml.safe_load((ROOT / "cluster/kuberay/rayjob-pipeline.yaml").read_text())
+    assert job["kind"] == "RayJob" and "jobs.pipeline --config configs/r1-distill-qwen-7b.yaml" in job["spec"][
+        "entrypoint"] and job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    svc = yaml.safe_load((ROOT / "cluster/kuberay/rayservice.yaml").read_text())
+    assert svc["kind"] == "RayService" and svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    app = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]
+    assert app["import_path"] == "serve.app:build_app"
+    from serve.app import ServeConfig
+
+    build(ServeConfig, app["args"])  # the manifest's args are fields serve/app.py accepts (raises on unknown keys)
+
+
+# ---------------------------------------------------------------------------------------------- Ray Data stages
+
+
+def test_collect_dcot_writes_one_record_per_id_and_rerun_writes_nothing(ray_session, tiny_dir, tmp_path):
+    cfg = dcot_config(tiny_dir, tmp_path / "dcot")
+    counts = run_collect_dcot(cfg)
+    ids = [p["id"] for p in make_splits(TASK)["train"]]
+    assert len(ids) == 24 and counts["input"] == 24 and counts["written"] == 24 and counts["skipped"] == 0
+    records = read_parquet_rows(cfg.out_dir)
+    assert Counter(r["id"] for r in records) == Counter(ids)
+    for r in records:
+        assert set(COLUMNS) <= set(r) and r["error"] == "" and 0 < r["generated_tokens"] <= 8
+        assert r["dcot"] == r["response"].split("</think>", 1)[0] and isinstance(r["correct"], bool)
+    before = shard_state(tmp_path / "dcot")
+    again = run_collect_dcot(cfg)
+    assert again["skipped"] == 24 and again["written"] == 0 and again["total"] == 24
+    assert shard_state(tmp_path / "dcot") == before  # nothing rewritten either
+
+
+def test_collect_dcot_survives_an_actor_killed_mid_job(ray_session, tiny_dir, tmp_path):
+    marker, victim = tmp_path / "died-once", make_splits(TASK)["train"][9]["id"]
+
+    class DiesOnce(DcotCollector):
+        """Kills its own process (no exception, no cleanup) the first time it is handed ``victim``."""
+
+        def __call__(self, batch):
+            if victim in batch["id"].tolist() and not marker.exists():
+                marker.write_text(str(os.getpid()))
+                os._exit(1)
+            return super().__call__(batch)
+
+    counts = run_collect_dcot(dcot_config(tiny_dir, tmp_path / "dcot"), actor_cls=DiesOnce)
+    assert marker.exists(), "the actor never died: the test proves nothing"
+    ids = Counter(r["id"] for r in read_parquet_rows(str(tmp_path / "dcot")))
+    assert ids == Counter(p["id"] for p in make_splits(TASK)["train"])  # every id, exactly once
+    assert counts["total"] == 24 and counts["errors"] == 0
+
+
+def test_collect_dcot_counts_malformed_rows_and_failing_rows(ray_session, tiny_dir, tmp_path):
+    good = [{"id": f"g{i}", "question": f"a={i};b=a+1;?b", "answer": str((i + 1) % 10)} for i in range(5)]
+    path = tmp_path / "problems.jsonl"
+    write_jsonl(path, good[:2] + [{"id": "no-answer", "question": "a=1;?a"}] + good[2:])
+    with path.open("a") as f:
+        f.write("{not json\n")
+    poison = good[3]["question"]
+
+    class FailsOnPoison(DcotCollector):
+        """A real exception for one question, as a tokenizer or a too-long prompt might raise."""
+
+        def run(self, rows):
+            if any(r["question"] == poison for r in rows):
+                raise RuntimeError("poisoned question")
+            return super().run(rows)
+
+    counts = run_collect_dcot(dcot_config(tiny_dir, tmp_path / "dcot", data=DataSource(path=str(path)),
+                                          batch_size=2), actor_cls=FailsOnPoison)
+    assert counts["malformed"] == 2 and counts["problems"] == 5 and counts["errors"] == 1
+    records = {r["id"]: r for r in read_parquet_rows(str(tmp_path / "dcot"))}
+    assert sorted(records) == [g["id"] for g in good]
+    assert records["g3"]["error"] == "RuntimeError: poisoned question"
+    assert all(records[g]["error"] == "" and records[g]["response"] is not None for g in ("g0", "g1", "g2", "g4"))
+
+
+def test_evaluate_writes_records_and_results(ray_session, tiny_dir, tmp_path):
+    cfg = EvaluateConfig(model=tiny_dir, methods=["long_cot", "nothink"], task=TASK, out_dir=str(tmp_path / "ev"),
+                         generation=GenerationConfig(max_new_tokens=8), batch_size=8, concurrency=2)
+    with pytest.raises(ValueError, match="unknown evaluation method 'no_such_method'"):
+        run_evaluate(EvaluateConfig(model=tiny_dir, methods=["long_cot", "no_such_method"]))
+    results = run_evaluate(cfg)
+    rows = {r["method"]: r for r in results["rows"]}
+    assert list(rows) == ["long_cot", "nothink"] and all(r["n"] == 12 and r["errors"] == 0 for r in rows.values())
+    assert rows["long_cot"]["rel_g"] is None or rows["long_cot"]["rel_g"] == pytest.approx(1.0)
+    assert results["job_counts"]["written"] == 24 and results["malformed_rows"] == 0
+    records = read_parquet_rows(str(tmp_path / "ev" / "records"))
+    assert Counter(r["method"] for r in records) == {"long_cot": 12, "nothink": 12}
+    assert (tmp_path / "ev" / "results.md").exists()
+
+
+# ---------------------------------------------------------------------------------------------- Ray Train stage
+
+
+def test_train_worker_killed_mid_run_resumes_from_its_checkpoint(ray_session, tiny_dir, tmp_path):
+    """LoRA + DeepSpeed ZeRO-2 on 2 gloo workers; rank 1 dies after step 3, after the step-2 checkpoint."""
+    marker, starts = tmp_path / "died-once", tmp_path / "starts.txt"
+
+    def loop(config):
+        import tempfile
+
+        import ray.train
+        import torch
+        from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+        from safetensors.torch import load_file, save_file
+
+        from jobs.common import deepspeed_config, latest_checkpoint_dir, skip_deepspeed_shm_build
+        from synadapt.data.task import make_splits
+        from synadapt.models.lm import load_model
+        from synadapt.models.tiny import encode_batch, training_text
+
+        torch.set_num_threads(1)
+        skip_deepspeed_shm_build()
+        import deepspeed
+
+        rank = ray.train.get_context().get_world_rank()
+        model, tok = load_model(config["model"], device="cpu")
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 task_type="CAUSAL_LM"))
+        start, ckpt = 0, latest_checkpoint_dir()
+        if ckpt:
+            set_peft_model_state_dict(model, load_file(os.path.join(ckpt, "adapter.safetensors")))
+            start = json.loads(Path(ckpt, "state.json").read_text())["step"]
+        if rank == 0:
+            with open(config["starts"], "a") as f:
+                f.write(f"{start}\n")
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2),
+            config=deepspeed_config(2, bf16=False, micro_batch=4, grad_accum=1))
+        problems = make_splits(config["task"])["train"]
+        for step in range(start, config["steps"]):
+            chunk = problems[(step * 8 + rank * 4) % 24:][:4]  # each rank its own 4 questions
+            loss = engine(**encode_batch(tok, [training_text(p, direct=False) for p in chunk])).loss
+            engine.backward(loss)
+            engine.step()
+            done = step + 1
+            if done == config["die_after"] and rank == 1 and not os.path.exists(config["marker"]):
+                # The controller registers reports on its ~2 s health poll; dying sooner could lose the step-2
+                # checkpoint, and the test wants to see a resume from it, not from scratch.
+                assert ray.train.get_all_reported_checkpoints(timeout_s=60)
+                Path(config["marker"]).write_text(str(os.getpid()))
+                os._exit(1)
+            if done % config["every"] == 0:
+                with tempfile.TemporaryDirectory() as d:
+                    if rank == 0:
+                        save_file(get_peft_model_state_dict(engine.module), os.path.join(d, "adapter.safetensors"))
+                        Path(d, "state.json").write_text(json.dumps({"step": done}))
+                    ray.train.report({"step": done, "start": start, "loss": loss.item()},
+                                     checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+
+    result = fit_torch_trainer(loop, {"model": tiny_dir, "task": TASK, "steps": 6, "every": 2, "die_after": 3,
+                                      "marker": str(marker), "starts": str(starts)},
+                               name="resume", storage_path=str(tmp_path / "ray"), num_workers=2, max_failures=1)
+    assert marker.exists(), "the worker never died: the test proves nothing"
+    assert starts.read_text().split() == ["0", "2"]  # second attempt continued from the step-2 checkpoint
+    assert result.metrics["step"] == 6 and result.metrics["start"] == 2
+    with result.checkpoint.as_directory() as d:
+        assert json.loads(Path(d, "state.json").read_text()) == {"step": 6}
+        assert Path(d, "adapter.safetensors").exists()
