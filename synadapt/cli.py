@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 from synadapt.config import deep_merge, describe, load_config, parse_overrides
+from synadapt.models.tiny import SHIPPED_DIR
 
 QUICK = {
+    "model": str(SHIPPED_DIR),  # smaller splits would otherwise key (and train) a new tiny reasoner
     "task": {"test_per_level": 10, "val_per_level": 10, "train_per_level": 20},
     "synthesize": {"synthesis": {"max_steps": 40}},
     "wrong_target_questions": 24,
