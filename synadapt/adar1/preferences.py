@@ -1,4 +1,6 @@
-"""AdaR1 bi-level preference pairs (METHOD.md §2) and train/eval dedupe. Pure functions, no Ray, no models.
+"""AdaR1 bi-level preference data (METHOD.md §2): sampling, pairs, train/eval dedupe. No Ray here.
+
+Pair construction and dedupe are pure functions; :func:`sample_groups` is the only one that runs a model.
 
 Per question, K sampled responses from the long model and K from the short model, each ``{"text", "correct",
 "tokens"}``:
