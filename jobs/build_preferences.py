@@ -131,7 +131,7 @@ def run_build_preferences(cfg: PreferenceConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_build_preferences(load_stage_config(PreferenceConfig, sys.argv[1:] if argv is None else argv,
-                                            "build_preferences"))
+                                            "preferences"))
     return 0
 
 

@@ -104,13 +104,15 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def describe(cls, prefix: str = "") -> list[str]:
-    """One help line per (nested) field: ``--dotted.name (default) doc``."""
-    lines, docs, defaults = [], field_docs(cls), cls()
+def describe(cls, prefix: str = "", defaults=None) -> list[str]:
+    """One help line per (nested) field: ``--dotted.name (default) doc``. Nested sections show the values their
+    parent gives them (a stage's own defaults), not their class defaults."""
+    lines, docs = [], field_docs(cls)
+    defaults = cls() if defaults is None else defaults
     for f in dataclasses.fields(cls):
         value = getattr(defaults, f.name)
         if dataclasses.is_dataclass(value):
-            lines += describe(type(value), prefix + f.name + ".")
+            lines += describe(type(value), prefix + f.name + ".", value)
         else:
             lines.append(f"  --{prefix}{f.name} (default {value!r}) {docs.get(f.name, '')}".rstrip())
     return lines
