@@ -141,3 +141,15 @@ def test_routing_honours_tau_and_mode(tiny_dir, tmp_path):
     single = [reasoner.latent_route([q], [0.5], ["auto"], max_new_tokens=4)[0] for q in qs]
     assert [(b["route"], b["text"]) for b in batched] == [(s["route"], s["text"]) for s in single]
     assert [b["score"] for b in batched] == pytest.approx([s["score"] for s in single], abs=1e-5)
+
+
+def test_run_without_classifier_serves_latent_but_refuses_auto_clearly(tiny_dir, tmp_path):
+    import shutil
+
+    run = AdaptiveReasoner.init_untrained(tiny_dir, str(tmp_path / "run"))
+    shutil.rmtree(tmp_path / "run" / "classifier")
+    reasoner = AdaptiveReasoner.load(run)
+    qs = [p["question"] for p in sample_problems(2, 1, TaskConfig(levels=2))]
+    assert {r["route"] for r in reasoner.latent_route(qs, [0.5] * len(qs), ["latent"] * len(qs), 4)} == {"latent"}
+    with pytest.raises(ValueError, match="needs a difficulty classifier"):
+        reasoner.latent_route(qs, [0.5] * len(qs), ["auto"] * len(qs), 4)

@@ -116,9 +116,12 @@ class AdaptiveReasoner:
 
     def _route(self, th: dict, taus: list[float], modes: list[str]) -> list[dict]:
         """Per question: the score, the route (latent = easy, long = re-think) and the cost spent so far."""
+        if th["scores"] is None and "auto" in modes:
+            raise ValueError("reasoning mode auto needs a difficulty classifier; this run has no classifier/ "
+                             "(run jobs.train_classifier, or use mode latent or long)")
         results = []
         for i, (mode, tau) in enumerate(zip(modes, taus)):
-            score = float(th["scores"][i])
+            score = float(th["scores"][i]) if th["scores"] is not None else None
             easy = mode == "latent" or (mode == "auto" and score < tau)
             results.append({"score": score, "route": "latent" if easy else "long", "text": None,
                             "latent_steps": self.refiner.cfg.m, "generated_tokens": 0,
