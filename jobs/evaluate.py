@@ -79,7 +79,7 @@ def _adaptive(mode: str, default_tau: float | None, zero_latents: bool = False, 
             bundle[key] = AdaptiveReasoner.load(cfg.reasoner, long_model=cfg.long_model if long_model else None)
         tau = float(arg) if arg is not None else default_tau
         if tau is None:
-            raise ValueError(f"method needs a threshold: write it as name@tau, e.g. synadapt@0.5")
+            raise ValueError("method needs a threshold: write it as name@tau, e.g. synadapt@0.5")
         return evaluate_adaptive(bundle[key], problems, mode, tau, cfg.generation, zero_latents, easy_route)
     return run
 

@@ -15,7 +15,7 @@ import logging
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from jobs.common import init_ray, load_stage_config, read_parquet_rows

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from synadapt.data.task import TaskConfig, sample_problems
-from synadapt.latent.classifier import (ClassifierConfig, DifficultyClassifier, best_threshold, calibrate_tau,
+from synadapt.latent.classifier import (ClassifierConfig, best_threshold, calibrate_tau,
                                         f1_hard, train_classifier)
 from synadapt.latent.examples import make_example
 from synadapt.latent.reasoner import AdaptiveReasoner

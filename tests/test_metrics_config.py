@@ -1,5 +1,4 @@
 import json
-from dataclasses import dataclass, field
 
 import pytest
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-import torch
 
 from synadapt.adar1.data import DataSource
 from synadapt.data.grading import answers_match
