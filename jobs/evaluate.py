@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobs.common import apply_rows, init_ray, load_stage_config, load_stage_problems, map_to_parquet, read_parquet_rows
-from synadapt.adar1.data import DataSource
+from synadapt.data.source import DataSource
 from synadapt.data.task import TaskConfig
 from synadapt.eval.evaluate import evaluate_generation
 from synadapt.eval.metrics import markdown_table, summarize, with_rel_g, write_results
@@ -68,7 +68,7 @@ def _generation(mode: str) -> Callable:
 def _adaptive(mode: str, default_tau: float | None, zero_latents: bool = False, easy_route: str = "latent",
               long_model: bool = False) -> Callable:
     """A latent row: the SynAdapt reasoner of ``cfg.reasoner`` (loaded once per actor) in one routing setting."""
-    def run(bundle: dict, problems: list[dict], cfg: EvaluateConfig, arg: str | None = None) -> list[dict]:
+    def run_adaptive(bundle: dict, problems: list[dict], cfg: EvaluateConfig, arg: str | None = None) -> list[dict]:
         from synadapt.eval.evaluate import evaluate_adaptive
         from synadapt.latent.reasoner import AdaptiveReasoner
 
@@ -81,7 +81,7 @@ def _adaptive(mode: str, default_tau: float | None, zero_latents: bool = False, 
         if tau is None:
             raise ValueError("method needs a threshold: write it as name@tau, e.g. synadapt@0.5")
         return evaluate_adaptive(bundle[key], problems, mode, tau, cfg.generation, zero_latents, easy_route)
-    return run
+    return run_adaptive
 
 
 METHODS: dict[str, Callable] = {
@@ -139,8 +139,15 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     """Evaluate every method of ``cfg``; returns the results dict written to ``out_dir/results.json``."""
     if not cfg.model:
         raise ValueError("evaluate: set model to the model directory or hub id (--model PATH)")
-    for method in cfg.methods:
-        resolve(method)  # fail before any Ray work
+    for method in cfg.methods:  # fail before any Ray work, not once per question
+        fn, arg = resolve(method)
+        if fn.__name__ == "run_adaptive":
+            if not cfg.reasoner:
+                raise ValueError(f"evaluate: {method!r} needs reasoner: the SynAdapt run directory (--reasoner DIR)")
+            if not (Path(cfg.reasoner) / "reasoner.json").exists():
+                raise ValueError(f"evaluate: {method!r}: no reasoner.json in {cfg.reasoner!r}")
+            if method.partition("@")[0] in ("synadapt", "nothink+classifier", "synadapt+adar1") and arg is None:
+                raise ValueError(f"evaluate: {method!r} needs a threshold: write it as {method}@tau, e.g. @0.5")
     problems, malformed = load_stage_problems(cfg.data, cfg.task)
     rows = [{"id": f"{m}/{p['id']}", "question_id": p["id"], "method": m, "question": p["question"],
              "answer": p["answer"], "difficulty": p.get("difficulty")} for m in cfg.methods for p in problems]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from jobs.common import init_ray, load_stage_config, read_parquet_rows
-from synadapt.adar1.data import DataSource
+from synadapt.data.source import DataSource
 from synadapt.adar1.merge import MergeConfig
 from synadapt.adar1.preferences import PreferenceConfig
 from synadapt.adar1.train import DpoConfig, SftConfig

@@ -92,7 +92,7 @@ def classifier_report(train_rows: list[dict], eval_rows: list[dict], clf, cfg) -
 
 def run_train_classifier(cfg: ClassifierJobConfig, eval_data=None) -> dict:
     """Label, fit, evaluate; writes the classifier into ``cfg.run_dir/classifier`` and returns the F1 report."""
-    from synadapt.adar1.data import DataSource
+    from synadapt.data.source import DataSource
     from synadapt.latent.classifier import DifficultyClassifier
 
     init_ray()

@@ -44,6 +44,8 @@ def refiner_train_loop(config: dict) -> None:
     if resume:
         refiner = Refiner.load(model, Path(resume) / "refiner", trainable=True)
         start = json.loads((Path(resume) / "state.json").read_text())["step"]
+    elif cfg.init_from:
+        refiner, start = Refiner.load(model, cfg.init_from, trainable=True), 0
     else:
         refiner, start = Refiner(model, cfg.refiner, tok.convert_tokens_to_ids(cfg.refiner.draft_token)), 0
     engine = None

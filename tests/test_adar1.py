@@ -238,7 +238,7 @@ def test_dpo_raises_the_chosen_vs_rejected_margin(tiny_dir, tmp_path):
 
 def test_sft_job_on_ray_with_deepspeed(ray_session, tiny_dir, tmp_path):
     from jobs.train_sft import run_sft
-    from synadapt.adar1.data import DataSource
+    from synadapt.data.source import DataSource
     from synadapt.adar1.train import SftConfig, TrainSettings
     from synadapt.models.lm import load_model
 
@@ -279,7 +279,7 @@ def test_dpo_job_on_ray_with_deepspeed_resumes(ray_session, tiny_dir, tmp_path):
 
 def test_build_preferences_job_samples_grades_and_pairs(ray_session, tiny_dir, tmp_path):
     from jobs.build_preferences import run_build_preferences
-    from synadapt.adar1.data import DataSource
+    from synadapt.data.source import DataSource
     from synadapt.adar1.preferences import PreferenceConfig
     from synadapt.models.lm import GenerationConfig
 
@@ -305,7 +305,7 @@ def test_build_preferences_job_samples_grades_and_pairs(ray_session, tiny_dir, t
 
 def test_merge_sweep_job_picks_alpha_on_validation(ray_session, tiny_dir, tmp_path):
     from jobs.merge import run_merge
-    from synadapt.adar1.data import DataSource
+    from synadapt.data.source import DataSource
     from synadapt.adar1.merge import MergeConfig
     from synadapt.models.lm import GenerationConfig
 

@@ -19,7 +19,7 @@ import yaml
 from jobs.collect_dcot import DcotCollector, run_collect_dcot
 from jobs.common import deepspeed_config, fit_torch_trainer, load_stage_config, map_to_parquet, read_parquet_rows
 from jobs.evaluate import EvaluateConfig, run_evaluate
-from synadapt.adar1.data import DataSource
+from synadapt.data.source import DataSource
 from synadapt.config import build
 from synadapt.data.dcot import COLUMNS, CollectDcotConfig
 from synadapt.data.problems import write_jsonl
@@ -177,6 +177,10 @@ def test_evaluate_writes_records_and_results(ray_session, tiny_dir, tmp_path):
                          generation=GenerationConfig(max_new_tokens=8), batch_size=8, concurrency=2)
     with pytest.raises(ValueError, match="unknown evaluation method 'no_such_method'"):
         run_evaluate(EvaluateConfig(model=tiny_dir, methods=["long_cot", "no_such_method"]))
+    with pytest.raises(ValueError, match="'ccot' needs reasoner"):
+        run_evaluate(EvaluateConfig(model=tiny_dir, methods=["ccot"]))
+    with pytest.raises(ValueError, match="no reasoner.json"):
+        run_evaluate(EvaluateConfig(model=tiny_dir, methods=["ccot"], reasoner=str(tmp_path)))
     results = run_evaluate(cfg)
     rows = {r["method"]: r for r in results["rows"]}
     assert list(rows) == ["long_cot", "nothink"] and all(r["n"] == 12 and r["errors"] == 0 for r in rows.values())

@@ -95,6 +95,30 @@ def test_batched_refinement_equals_one_by_one(setup, mode):
             assert int(cost[i]) == int(ci[0])
 
 
+def test_cached_parallel_passes_equal_full_sequence_passes(setup):
+    """Reusing the prompt's keys/values across passes must give what re-running ``[prompt; Z]`` every pass gives."""
+    from synadapt.latent.sequence import splice
+
+    model, tok, _, examples = setup
+    torch.manual_seed(0)
+    refiner = Refiner(model, RefinerConfig(m=3, n_passes=3), tok.convert_tokens_to_ids(".")).eval()
+    with torch.no_grad():  # LoRA B starts at zero: perturb it so the adapted model differs from the base
+        for name, p in refiner.adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    prompts = [e["prompt_ids"] for e in examples]
+    with torch.no_grad():
+        z, _, cost = refiner.refine(prompts)
+        ref = refiner.embed(torch.tensor([refiner.draft_id])).expand(len(prompts), 3, -1)
+        for _ in range(3):
+            s = splice(refiner.embed, prompts, ref, None, model.config.pad_token_id)
+            h = refiner.adapted(inputs_embeds=s.inputs_embeds, attention_mask=s.attention_mask,
+                                position_ids=s.position_ids, output_hidden_states=True).hidden_states[-1]
+            ref = refiner._project(h[:, s.latent_start:s.tail_start])
+    torch.testing.assert_close(z, ref, atol=1e-5, rtol=1e-4)
+    assert cost.tolist() == [len(p) + 3 * 3 for p in prompts]
+
+
 def test_classifier_beats_chance_on_a_separable_set():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(400, 16, generator=g)

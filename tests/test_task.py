@@ -10,6 +10,8 @@ def _value_of(question: str) -> int:
         name, expr = s.split("=")
         if expr.isdigit():
             env[name] = int(expr)
+        elif expr.isalpha():
+            env[name] = env[expr]
         else:
             var, op, operand = expr[0], expr[1], int(expr[2:])
             env[name] = {"+": env[var] + operand, "-": env[var] - operand, "*": env[var] * operand}[op] % 10
@@ -42,3 +44,16 @@ def test_level_and_ops_knobs():
     rng = random.Random(0)
     p = make_problem(rng, 4, TaskConfig(ops="+"))
     assert "-" not in p["question"] and "*" not in p["question"] and p["difficulty"] == 4
+
+
+def test_copy_share_sets_how_many_steps_are_real_operations():
+    def n_ops(p):
+        return sum(c in "+-*" for c in p["question"])
+
+    assert all(n_ops(p) == 0 for p in sample_problems(1, 10, TaskConfig(copy_share=1.0)))
+    assert all(n_ops(p) == p["difficulty"] for p in sample_problems(1, 10, TaskConfig(copy_share=0.0)))
+    level6 = [p for p in sample_problems(1, 300, TaskConfig()) if p["difficulty"] == 6]
+    mean_ops = sum(map(n_ops, level6)) / len(level6)
+    assert 3.2 < mean_ops < 4.0  # Binomial(6, 0.6)
+    for p in level6:
+        assert int(p["answer"]) == _value_of(p["question"])

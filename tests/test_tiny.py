@@ -22,6 +22,15 @@ def test_tokenizer_round_trip_and_chat_template(tiny_dir):
     assert prompt == p["question"] + "<think>"
 
 
+def test_direct_examples_score_only_the_answer_so_the_model_never_learns_to_skip_thinking():
+    tok = build_tokenizer()
+    p = sample_problems(0, 1, TaskConfig(levels=2))[-1]
+    batch = encode_batch(tok, [training_text(p, direct=True), training_text(p, direct=False)])
+    direct, long = [[t for t in row.tolist() if t != -100] for row in batch["labels"]]
+    assert tok.decode(direct) == p["answer"] + "<|endoftext|>"  # the prefilled <think></think> is not a target
+    assert tok.decode(long) == p["long_cot"] + "</think>" + p["answer"] + "<|endoftext|>"
+
+
 def test_model_save_and_auto_load(tiny_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
     assert type(model).__name__ == "Qwen2ForCausalLM"

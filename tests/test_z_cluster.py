@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from jobs.common import read_parquet_rows
-from synadapt.adar1.data import DataSource
+from synadapt.data.source import DataSource
 from synadapt.data.task import TaskConfig
 
 pytestmark = pytest.mark.cluster

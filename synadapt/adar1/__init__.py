@@ -3,7 +3,6 @@
 - :mod:`synadapt.adar1.merge` — streaming θ = α·θ_long + (1−α)·θ_short over safetensors shards.
 - :mod:`synadapt.adar1.preferences` — group- and instance-level preference pairs, train/eval dedupe.
 - :mod:`synadapt.adar1.train` — stage configs and the TRL SFT / DPO trainer builders.
-- :mod:`synadapt.adar1.data` — where a stage reads its problems.
 
 The Ray wiring lives in ``jobs/train_sft.py``, ``jobs/merge.py``, ``jobs/build_preferences.py``, ``jobs/train_dpo.py``.
 """

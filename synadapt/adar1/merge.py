@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from synadapt.adar1.data import DataSource
+from synadapt.data.source import DataSource
 from synadapt.data.task import TaskConfig
 from synadapt.models.lm import GenerationConfig, PromptFormat
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from synadapt.adar1.data import DataSource
+from synadapt.data.source import DataSource
 from synadapt.data.grading import grade
 from synadapt.data.task import TaskConfig
 from synadapt.models.lm import GenerationConfig, PromptFormat, build_prompt, generate

@@ -1,21 +1,25 @@
 """The embedded reasoning task: chains of modular assignments with a difficulty knob.
 
-A level-L question defines L+1 variables in dependency order; the first is a digit, every later one applies one
-operation to the previous variable. All values are taken mod ``modulus``. Example (level 3)::
+A level-L question defines L+1 variables in dependency order; the first is a digit, every later one either applies
+one operation to the previous variable or copies it. All values are taken mod ``modulus``. Example (level 3)::
 
-    question : m=4;y=m+7;n=y-4;b=n+5;?b
-    long_cot : m=4,y+7=1,n-4=7,b+5=2
-    short_cot: 4,1,7,2
-    answer   : 2
+    question : m=4;y=m+7;n=y;b=n-5;?b
+    long_cot : m=4,y=4+7=1,n=1,b=1-5=6
+    short_cot: 4,1,1,6
+    answer   : 6
 
 One character is one token (the tiny reasoner's tokenizer is a character-level Qwen2 byte-level BPE), so there are
 no spaces: a space would cost a token of its own in front of every digit.
 
 The long chain of thought restates each operand before its result, so every step is one local operation (the
 values-only format fails to train, see shared/TOY_NOTES.md). The short chain keeps only the values: compact, and
-harder to learn, which is exactly the long/short trade-off AdaR1 needs. With ops {+,-} the answer is a signed sum of
-digits, so answering without thinking degrades gradually with the number of terms rather than falling off a cliff.
-Everything is a pure function of the seed.
+harder to learn, which is exactly the long/short trade-off AdaR1 needs.
+
+Copies are what make answering without thinking degrade GRADUALLY. A small model answers a chain with at most one
+real operation directly (find the one operator, apply it to the first digit), but not two composed ones. A level-L
+chain holds Binomial(L, 1 - copy_share) operations, so the share of directly answerable questions falls smoothly
+with L (share 0.4: 100, 64, 35, 18, 9, 4 % at levels 1..6) instead of falling off a cliff after level 1, while the
+chain of thought still grows by one step per level. Everything is a pure function of the seed.
 """
 from __future__ import annotations
 
@@ -34,6 +38,8 @@ class TaskConfig:
     ops: str = "+-"
     """Operations to draw from; '*' makes the direct answer much harder (no gradual slope)."""
     modulus: int = 10
+    copy_share: float = 0.4
+    """Probability that a step copies the previous variable (``y=m``) instead of applying an operation."""
     seed: int = 0
     train_per_level: int = 400
     val_per_level: int = 50
@@ -48,10 +54,14 @@ def make_problem(rng: random.Random, level: int, cfg: TaskConfig) -> dict:
     steps = [f"{names[0]}={value}"]
     values = [value]
     for i in range(1, level + 1):
-        op, operand = rng.choice(cfg.ops), rng.randrange(cfg.modulus)
-        value = {"+": value + operand, "-": value - operand, "*": value * operand}[op] % cfg.modulus
-        statements.append(f"{names[i]}={names[i - 1]}{op}{operand}")
-        steps.append(f"{names[i]}={values[-1]}{op}{operand}={value}")
+        if rng.random() < cfg.copy_share:
+            statements.append(f"{names[i]}={names[i - 1]}")
+            steps.append(f"{names[i]}={value}")
+        else:
+            op, operand = rng.choice(cfg.ops), rng.randrange(cfg.modulus)
+            value = {"+": value + operand, "-": value - operand, "*": value * operand}[op] % cfg.modulus
+            statements.append(f"{names[i]}={names[i - 1]}{op}{operand}")
+            steps.append(f"{names[i]}={values[-1]}{op}{operand}={value}")
         values.append(value)
     question = ";".join(statements) + f";?{names[-1]}"
     return {

@@ -9,7 +9,7 @@ import random
 from dataclasses import dataclass, field
 
 
-from synadapt.adar1.data import DataSource
+from synadapt.data.source import DataSource
 from synadapt.data.grading import answers_match
 from synadapt.data.task import TaskConfig
 from synadapt.latent.classifier import ClassifierConfig
@@ -83,6 +83,9 @@ class RefinerJobConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     out_dir: str = "runs/refiner"
     refiner: RefinerConfig = field(default_factory=RefinerConfig)
+    init_from: str = ""
+    """A saved refiner directory to continue training from (e.g. the shipped ``checkpoints/tiny-refiner``);
+    empty starts from a fresh adapter. Its ``refiner.json`` config is used, ``refiner`` only sets the budget."""
     prompt: PromptFormat = field(default_factory=PromptFormat)
     num_workers: int = 1
     use_gpu: bool = False

@@ -43,13 +43,14 @@ class TinyReasonerConfig:
     intermediate_size: int = 512
     train_seconds: float = 3000.0
     """Wall-clock budget; the cosine schedule follows whichever of time and steps runs out first."""
-    max_steps: int = 4500
-    """Step budget (~14 min on 2 idle cores). Copying is learned by step ~500, the arithmetic and the operator
-    lookup of a step only after ~2500; at 2500 steps long-CoT accuracy was still 22-66 %."""
+    max_steps: int = 6500
+    """Step budget (~21 min on 2 idle cores). Copying is learned by step ~500, the arithmetic and the operator
+    lookup of a step only after ~2500; at 4500 steps the operator lookup still failed on 10-20 % of level 3-4
+    chains (a '+' read as '-')."""
     batch_size: int = 32
     lr: float = 2e-3
     warmup_steps: int = 50
-    direct_share: float = 0.3
+    direct_share: float = 0.4
     """Share of training examples in NoThinking format (empty think), so NoThinking is a fair baseline."""
     anneal_steps: int = 0
     """Optional phase 2 steps: more direct answers at a lower learning rate. Off: 800 steps at share 0.5 raised no
@@ -88,8 +89,14 @@ def build_model(tok, cfg: TinyReasonerConfig) -> Qwen2ForCausalLM:
 
 
 def training_text(problem: dict, direct: bool) -> tuple[str, str]:
-    """(prompt, completion) in the long-CoT format, or NoThinking format when ``direct``."""
-    return problem["question"] + "<think>", f"{'' if direct else problem['long_cot']}</think>{problem['answer']}<|endoftext|>"
+    """(prompt, completion) in the long-CoT format, or NoThinking format when ``direct``.
+
+    A direct example's empty think block is part of the PROMPT (unscored), as NoThinking prefills it: scoring its
+    ``</think>`` taught the model to close the think block unprompted on 40 % of starts, and greedy long-CoT decoding
+    then skipped thinking on 7-15 % of level 5-6 questions."""
+    if direct:
+        return problem["question"] + "<think></think>", f"{problem['answer']}<|endoftext|>"
+    return problem["question"] + "<think>", f"{problem['long_cot']}</think>{problem['answer']}<|endoftext|>"
 
 
 def encode_batch(tok, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Where an AdaR1 stage reads its questions: the embedded task by default, or any data set ``load_problems`` reads."""
+"""Where a stage reads its questions: the embedded task by default, or any data set ``load_problems`` reads."""
 from __future__ import annotations
 
 import logging
