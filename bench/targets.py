@@ -1,4 +1,4 @@
-"""The issue targets of SynAdapt and AdaR1, measured from ONE pipeline run (all ratios on the same questions).
+"""The issue targets of the Foundation, SynAdapt and AdaR1, measured from ONE pipeline run (all ratios on the same questions).
 
     python bench/targets.py --run runs/demo          # reads a finished `synadapt demo` run
     python bench/targets.py --run runs/demo --fresh  # runs the pipeline first (the default config)
@@ -34,6 +34,16 @@ def measure(run: Path) -> list[dict]:
                f"gold {ctl['gold_mean_final_loss_dcot']:.3f}, wrong {ctl['wrong_mean_final_loss_dcot']:.3f}, "
                f"wrong targets converged {ctl['wrong_converged_share']:.2f}")
     long, nothink = rows.get("long_cot"), rows.get("nothink")
+    if long and nothink:  # Foundation: the teacher solves every level; answering directly degrades gradually
+        levels = sorted(long["by_difficulty"], key=int)
+        worst = min(long["by_difficulty"][k]["accuracy"] for k in levels)
+        target("long_cot accuracy >= 95% at every level", worst, worst >= 0.95,
+               " ".join(f"L{k} {long['by_difficulty'][k]['accuracy']:.2f}" for k in levels))
+        direct = [nothink["by_difficulty"][k]["accuracy"] for k in levels]
+        target("nothink >= 80% at level 1, <= 30% at the hardest", direct[0], direct[0] >= 0.80 and direct[-1] <= 0.30,
+               " ".join(f"L{k} {a:.2f}" for k, a in zip(levels, direct)))
+        gradual = all(a >= b for a, b in zip(direct, direct[1:])) and sum(0.3 < a < 0.8 for a in direct) >= 2
+        target("nothink declines gradually (monotone, >= 2 levels in between)", gradual, gradual)
     if "ccot" in rows and nothink:
         d = rows["ccot"]["accuracy"] - nothink["accuracy"]
         target("ccot accuracy >= nothink + 10 points", round(d * 100, 1), d >= 0.10)

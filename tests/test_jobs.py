@@ -259,3 +259,33 @@ def test_train_worker_killed_mid_run_resumes_from_its_checkpoint(ray_session, ti
     with result.checkpoint.as_directory() as d:
         assert json.loads(Path(d, "state.json").read_text()) == {"step": 6}
         assert Path(d, "adapter.safetensors").exists()
+
+
+def test_train_refiner_job_continues_from_a_saved_refiner(ray_session, tiny_dir, tmp_path):
+    """``init_from`` (how a demo starts from a shipped refiner): the job loads it instead of a fresh adapter."""
+    import torch
+    from safetensors.torch import load_file
+
+    from jobs.train_refiner import run_train_refiner
+    from synadapt.latent.refiner import Refiner, RefinerConfig
+    from synadapt.latent.stages import RefinerJobConfig
+    from synadapt.models.lm import load_model
+
+    model, tok = load_model(tiny_dir)
+    cfg = RefinerConfig(m=3, n_passes=2, batch_size=4, max_steps=0)
+    saved = Refiner(model, cfg, tok.convert_tokens_to_ids("."))
+    with torch.no_grad():
+        for p in saved.proj.parameters():
+            p.normal_(0, 0.5)
+    saved.save(tmp_path / "init")
+    problems = make_splits(TASK)["train"][:8]
+    (tmp_path / "zsyn").mkdir()
+    pq.write_table(pa.Table.from_pylist([{"id": p["id"], "converged": True, "shape": [3, model.config.hidden_size],
+                                          "z": [[0.0] * model.config.hidden_size] * 3} for p in problems]),
+                   tmp_path / "zsyn" / "part-0.parquet")
+    run_train_refiner(RefinerJobConfig(model=tiny_dir, zsyn_dir=str(tmp_path / "zsyn"), task=TASK, refiner=cfg,
+                                       init_from=str(tmp_path / "init"), out_dir=str(tmp_path / "out"),
+                                       deepspeed_stage=0, threads=1))
+    before = load_file(tmp_path / "init" / "projection.safetensors")
+    after = load_file(tmp_path / "out" / "projection.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
