@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from jobs.collect_dcot import DcotCollector
 from jobs.common import fit_torch_trainer, init_ray, map_to_parquet, read_parquet_rows
-from synadapt.data.source import DataSource
 from synadapt.data.dcot import CollectDcotConfig
+from synadapt.data.source import DataSource
 from synadapt.data.task import TaskConfig
 from synadapt.models.lm import GenerationConfig
 

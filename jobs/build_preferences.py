@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from jobs.common import init_ray, load_stage_config, map_to_parquet, read_parquet_rows
-from synadapt.data.source import parse_source
 from synadapt.adar1.preferences import PreferenceConfig, dedupe_against, pairs_for_questions, sample_groups
 from synadapt.data.problems import write_jsonl
+from synadapt.data.source import parse_source
 from synadapt.data.task import make_splits
 from synadapt.models.lm import build_prompt
 

@@ -68,19 +68,28 @@ def _generation(mode: str) -> Callable:
 def _adaptive(mode: str, default_tau: float | None, zero_latents: bool = False, easy_route: str = "latent",
               long_model: bool = False) -> Callable:
     """A latent row: the SynAdapt reasoner of ``cfg.reasoner`` (loaded once per actor) in one routing setting."""
+    def settings(cfg: EvaluateConfig, arg: str | None) -> float:
+        """τ for this row; ValueError when the row cannot run (no reasoner run dir, or no threshold)."""
+        if not cfg.reasoner:
+            raise ValueError("needs reasoner: the SynAdapt run directory (--reasoner DIR)")
+        if not (Path(cfg.reasoner) / "reasoner.json").exists():
+            raise ValueError(f"no reasoner.json in {cfg.reasoner!r}")
+        tau = float(arg) if arg is not None else default_tau
+        if tau is None:
+            raise ValueError("needs a threshold: write it as name@tau, e.g. synadapt@0.5")
+        return tau
+
     def run_adaptive(bundle: dict, problems: list[dict], cfg: EvaluateConfig, arg: str | None = None) -> list[dict]:
         from synadapt.eval.evaluate import evaluate_adaptive
         from synadapt.latent.reasoner import AdaptiveReasoner
 
-        if not cfg.reasoner:
-            raise ValueError("latent methods need reasoner: the SynAdapt run directory (--reasoner DIR)")
+        tau = settings(cfg, arg)
         key = "reasoner+long" if long_model else "reasoner"
         if key not in bundle:
             bundle[key] = AdaptiveReasoner.load(cfg.reasoner, long_model=cfg.long_model if long_model else None)
-        tau = float(arg) if arg is not None else default_tau
-        if tau is None:
-            raise ValueError("method needs a threshold: write it as name@tau, e.g. synadapt@0.5")
         return evaluate_adaptive(bundle[key], problems, mode, tau, cfg.generation, zero_latents, easy_route)
+
+    run_adaptive.settings = settings  # run_evaluate checks every row before any Ray work
     return run_adaptive
 
 
@@ -141,13 +150,11 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         raise ValueError("evaluate: set model to the model directory or hub id (--model PATH)")
     for method in cfg.methods:  # fail before any Ray work, not once per question
         fn, arg = resolve(method)
-        if fn.__name__ == "run_adaptive":
-            if not cfg.reasoner:
-                raise ValueError(f"evaluate: {method!r} needs reasoner: the SynAdapt run directory (--reasoner DIR)")
-            if not (Path(cfg.reasoner) / "reasoner.json").exists():
-                raise ValueError(f"evaluate: {method!r}: no reasoner.json in {cfg.reasoner!r}")
-            if method.partition("@")[0] in ("synadapt", "nothink+classifier", "synadapt+adar1") and arg is None:
-                raise ValueError(f"evaluate: {method!r} needs a threshold: write it as {method}@tau, e.g. @0.5")
+        if hasattr(fn, "settings"):
+            try:
+                fn.settings(cfg, arg)
+            except ValueError as e:
+                raise ValueError(f"evaluate: {method!r} {e}") from None
     problems, malformed = load_stage_problems(cfg.data, cfg.task)
     rows = [{"id": f"{m}/{p['id']}", "question_id": p["id"], "method": m, "question": p["question"],
              "answer": p["answer"], "difficulty": p.get("difficulty")} for m in cfg.methods for p in problems]

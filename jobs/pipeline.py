@@ -19,11 +19,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from jobs.common import init_ray, load_stage_config, read_parquet_rows
-from synadapt.data.source import DataSource
 from synadapt.adar1.merge import MergeConfig
 from synadapt.adar1.preferences import PreferenceConfig
 from synadapt.adar1.train import DpoConfig, SftConfig
 from synadapt.data.dcot import CollectDcotConfig
+from synadapt.data.source import DataSource
 from synadapt.data.task import TaskConfig
 from synadapt.latent.reasoner import AdaptiveReasoner
 from synadapt.latent.stages import ClassifierJobConfig, RefinerJobConfig, SynthesizeConfig

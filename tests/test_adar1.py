@@ -238,8 +238,8 @@ def test_dpo_raises_the_chosen_vs_rejected_margin(tiny_dir, tmp_path):
 
 def test_sft_job_on_ray_with_deepspeed(ray_session, tiny_dir, tmp_path):
     from jobs.train_sft import run_sft
-    from synadapt.data.source import DataSource
     from synadapt.adar1.train import SftConfig, TrainSettings
+    from synadapt.data.source import DataSource
     from synadapt.models.lm import load_model
 
     cfg = SftConfig(model=tiny_dir, output_dir=str(tmp_path / "short"), data=DataSource(limit=24),
@@ -279,8 +279,8 @@ def test_dpo_job_on_ray_with_deepspeed_resumes(ray_session, tiny_dir, tmp_path):
 
 def test_build_preferences_job_samples_grades_and_pairs(ray_session, tiny_dir, tmp_path):
     from jobs.build_preferences import run_build_preferences
-    from synadapt.data.source import DataSource
     from synadapt.adar1.preferences import PreferenceConfig
+    from synadapt.data.source import DataSource
     from synadapt.models.lm import GenerationConfig
 
     short_dir = save_tiny(tmp_path / "short", 1)
@@ -305,8 +305,8 @@ def test_build_preferences_job_samples_grades_and_pairs(ray_session, tiny_dir, t
 
 def test_merge_sweep_job_picks_alpha_on_validation(ray_session, tiny_dir, tmp_path):
     from jobs.merge import run_merge
-    from synadapt.data.source import DataSource
     from synadapt.adar1.merge import MergeConfig
+    from synadapt.data.source import DataSource
     from synadapt.models.lm import GenerationConfig
 
     cfg = MergeConfig(long_model=tiny_dir, short_model=str(save_tiny(tmp_path / "short", 1)),

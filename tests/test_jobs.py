@@ -19,10 +19,10 @@ import yaml
 from jobs.collect_dcot import DcotCollector, run_collect_dcot
 from jobs.common import deepspeed_config, fit_torch_trainer, load_stage_config, map_to_parquet, read_parquet_rows
 from jobs.evaluate import EvaluateConfig, run_evaluate
-from synadapt.data.source import DataSource
 from synadapt.config import build
 from synadapt.data.dcot import COLUMNS, CollectDcotConfig
 from synadapt.data.problems import write_jsonl
+from synadapt.data.source import DataSource
 from synadapt.data.task import TaskConfig, make_splits
 from synadapt.models.lm import GenerationConfig
 

@@ -24,8 +24,8 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from synadapt.data.source import DataSource
 from synadapt.data.grading import grade
+from synadapt.data.source import DataSource
 from synadapt.data.task import TaskConfig
 from synadapt.models.lm import GenerationConfig, PromptFormat, build_prompt, generate
 

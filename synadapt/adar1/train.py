@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from synadapt.data.source import DataSource
 from synadapt.adar1.merge import copy_model_files
+from synadapt.data.source import DataSource
 from synadapt.data.task import TaskConfig
 from synadapt.models.lm import PromptFormat, build_prompt, load_model
 

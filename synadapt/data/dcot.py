@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from synadapt.data.source import DataSource
 from synadapt.data.grading import grade
+from synadapt.data.source import DataSource
 from synadapt.data.task import TaskConfig
 from synadapt.models.lm import GenerationConfig, PromptFormat, build_prompt, generate
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-
-from synadapt.data.source import DataSource
 from synadapt.data.grading import answers_match
+from synadapt.data.source import DataSource
 from synadapt.data.task import TaskConfig
 from synadapt.latent.classifier import ClassifierConfig
 from synadapt.latent.examples import make_example
@@ -84,8 +83,9 @@ class RefinerJobConfig:
     out_dir: str = "runs/refiner"
     refiner: RefinerConfig = field(default_factory=RefinerConfig)
     init_from: str = ""
-    """A saved refiner directory to continue training from (e.g. the shipped ``checkpoints/tiny-refiner``);
-    empty starts from a fresh adapter. Its ``refiner.json`` config is used, ``refiner`` only sets the budget."""
+    """A saved refiner directory to continue training from (e.g. a finished run's ``reasoner/refiner``); empty
+    starts from a fresh adapter. The saved ``refiner.json`` sets the architecture and losses; ``refiner`` still sets
+    m for the latent targets (keep it equal) and the budget (lr, batch size, seconds)."""
     prompt: PromptFormat = field(default_factory=PromptFormat)
     num_workers: int = 1
     use_gpu: bool = False
