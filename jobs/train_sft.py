@@ -19,6 +19,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from ray.train.huggingface.transformers import RayTrainReportCallback
 from transformers import TrainerCallback
 
 from jobs.common import (
@@ -57,18 +58,56 @@ class RunInfo(TrainerCallback):
         state.log_history.append({**self.info, "step": state.global_step})
 
 
+class CompleteCheckpointReport(RayTrainReportCallback):
+    """Reports a trainer checkpoint to Ray Train only once every rank has finished writing it.
+
+    The HF Trainer writes each rank's RNG state (and DeepSpeed its per-rank ZeRO shards) after the last collective
+    of a save and calls ``on_save`` without a barrier, so Ray's stock callback can copy a file that another rank is
+    still writing (seen in CI: a 0-byte ``rng_state_1.pth`` in a persisted checkpoint, ``EOFError`` on resume). Hence
+    the barrier. Ranks of one node share the trainer's output dir, so only each node's local rank 0 uploads it: two
+    ranks never write the same file to storage, and each node still contributes the files only it holds.
+    """
+
+    def on_save(self, args, state, control, **kwargs):
+        import ray.train
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        if ray.train.get_context().get_local_rank() == 0:
+            return super().on_save(args, state, control, **kwargs)
+        metrics = {}
+        for entry in state.log_history:
+            metrics.update(entry)
+        ray.train.report(metrics=metrics, checkpoint=None)
+
+
+def check_checkpoint_complete(checkpoint_dir: str, world_size: int) -> None:
+    """Raise ValueError naming what is missing if a trainer checkpoint is not whole: an empty file, or no RNG state
+    for some rank (a resume from such a checkpoint would fail deep inside ``torch.load``)."""
+    root = Path(checkpoint_dir)
+    empty = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.stat().st_size == 0)
+    if world_size > 1:
+        empty += [f"rng_state_{r}.pth (missing)" for r in range(world_size)
+                  if not (root / f"rng_state_{r}.pth").exists()]
+    if empty:
+        raise ValueError(f"checkpoint {checkpoint_dir} is incomplete: {', '.join(empty)}")
+
+
 def train_loop(config: dict) -> None:
     """One Ray Train worker: build the TRL trainer, report its checkpoints, resume from the latest one."""
     import torch
-    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+    from ray.train.huggingface.transformers import prepare_trainer
 
     settings: TrainSettings = config["cfg"].train
     torch.set_num_threads(settings.threads_per_worker)
     skip_deepspeed_shm_build()
     trainer = config["build"](config["cfg"], config["rows"], config["work_dir"], config["deepspeed"])
-    trainer.add_callback(RayTrainReportCallback())
+    trainer.add_callback(CompleteCheckpointReport())
     trainer = prepare_trainer(trainer)
     resume = hf_checkpoint(latest_checkpoint_dir())
+    if resume:
+        check_checkpoint_complete(resume, trainer.accelerator.num_processes)
     trainer.add_callback(RunInfo(trainer, resume))
     trainer.train(resume_from_checkpoint=resume)
 

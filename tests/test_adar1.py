@@ -258,6 +258,7 @@ def test_sft_job_on_ray_with_deepspeed(ray_session, tiny_dir, tmp_path):
 
 def test_dpo_job_on_ray_with_deepspeed_resumes(ray_session, tiny_dir, tmp_path):
     from jobs.train_dpo import run_dpo
+    from jobs.train_sft import check_checkpoint_complete
     from synadapt.adar1.train import DpoConfig, TrainSettings
     from synadapt.data.problems import write_jsonl
 
@@ -271,10 +272,27 @@ def test_dpo_job_on_ray_with_deepspeed_resumes(ray_session, tiny_dir, tmp_path):
     first = json.loads((tmp_path / "dpo" / "train_info.json").read_text())["metrics"]
     assert first["step"] == 2 and first["resumed_from_step"] == 0 and "rewards/margins" in first
     assert first["distributed_type"] == "DEEPSPEED"
+    persisted = sorted((tmp_path / "ray" / "dpo").glob("checkpoint_*/checkpoint"))
+    assert persisted, "no checkpoint reached Ray Train storage"
+    for ckpt in persisted:  # every rank's files, whole, in what a resume will read
+        check_checkpoint_complete(str(ckpt), world_size=2)
     cfg.train.max_steps = 3  # the same run name and storage: continues from the step-2 checkpoint
     run_dpo(cfg)
     second = json.loads((tmp_path / "dpo" / "train_info.json").read_text())["metrics"]
     assert second["step"] == 3 and second["resumed_from_step"] == 2
+
+
+def test_incomplete_trainer_checkpoint_is_refused_by_name(tmp_path):
+    from jobs.train_sft import check_checkpoint_complete
+
+    (tmp_path / "trainer_state.json").write_text("{}")
+    (tmp_path / "rng_state_0.pth").write_bytes(b"x")
+    check_checkpoint_complete(str(tmp_path), world_size=1)
+    with pytest.raises(ValueError, match=r"rng_state_1\.pth \(missing\)"):
+        check_checkpoint_complete(str(tmp_path), world_size=2)
+    (tmp_path / "rng_state_1.pth").touch()  # what a rank still writing leaves behind
+    with pytest.raises(ValueError, match=r"incomplete: rng_state_1\.pth$"):
+        check_checkpoint_complete(str(tmp_path), world_size=2)
 
 
 def test_build_preferences_job_samples_grades_and_pairs(ray_session, tiny_dir, tmp_path):
