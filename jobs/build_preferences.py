@@ -6,8 +6,9 @@ and builds the bi-level pairs.
 
 Recipe: load the training questions and drop those that also appear in an evaluation set (normalised text) →
 Ray Data actor pool (each actor loads both models once) samples and grades K responses per model per question into
-``samples/`` (resumable Parquet) → group- and instance-level pairs on the driver → ``pairs.jsonl`` and
-``pairs.parquet`` (prompt/chosen/rejected, plus metadata columns) and ``stats.json``.
+``samples/`` (resumable Parquet) → group- and instance-level pairs on the driver, one shard of samples at a time →
+``pairs.jsonl`` and ``pairs.parquet`` (prompt/chosen/rejected, plus metadata columns) and ``stats.json``.
+``output_dir`` may be a URI (``s3://bucket/prefs``).
 """
 from __future__ import annotations
 
@@ -15,14 +16,22 @@ import json
 import logging
 import sys
 import zlib
+from collections import Counter, defaultdict
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 
-from jobs.common import init_ray, load_stage_config, map_to_parquet, read_parquet_rows
+from jobs.common import (
+    init_ray,
+    iter_parquet_shards,
+    join_path,
+    load_stage_config,
+    map_to_parquet,
+    read_text,
+    storage,
+    write_text,
+)
 from synadapt.adar1.preferences import PreferenceConfig, dedupe_against, pairs_for_questions, sample_groups
-from synadapt.data.problems import write_jsonl
 from synadapt.data.source import parse_source
 from synadapt.data.task import make_splits
 from synadapt.models.lm import build_prompt
@@ -68,17 +77,74 @@ def training_questions(cfg: PreferenceConfig) -> tuple[list[dict], int]:
     return kept, len(removed)
 
 
-def check_sampling_settings(cfg: PreferenceConfig, samples_dir: Path) -> None:
+def check_sampling_settings(cfg: PreferenceConfig, samples_dir: str) -> None:
     """Record the settings the samples in ``samples_dir`` come from; refuse to resume under different ones
     (the map is resumable by question id, so new settings would silently mix with old samples)."""
     settings = {"long_model": cfg.long_model, "short_model": cfg.short_model, "k": cfg.k, "seed": cfg.seed,
                 "generation": asdict(cfg.generation), "prompt": asdict(cfg.prompt)}
-    path = samples_dir / "settings.json"
-    if path.exists() and json.loads(path.read_text()) != settings:
+    path = join_path(samples_dir, "settings.json")
+    old = read_text(path)
+    if old is not None and json.loads(old) != settings:
         raise ValueError(f"{samples_dir} holds samples drawn with other settings ({path}); use another output_dir "
                          "or delete it")
-    samples_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=2))
+    write_text(path, json.dumps(settings, indent=2))
+
+
+def merge_pair_stats(parts: list[dict]) -> dict:
+    """One statistics dict from the :func:`pairs_for_questions` statistics of disjoint sets of questions."""
+    total, pairs_by_level, by_level = Counter(), Counter(), defaultdict(Counter)
+    for part in parts:
+        total.update({k: part[k] for k in ("questions", "dropped_both_zero", "prefer_long", "prefer_short", "pairs")})
+        pairs_by_level.update(part["pairs_by_level"])
+        for level, c in part["by_difficulty"].items():
+            by_level[level].update({k: v for k, v in c.items() if k != "share_prefer_long"})
+
+    def share(long: int, short: int) -> float | None:
+        return long / (long + short) if long + short else None
+
+    return {"questions": total["questions"], "dropped_both_zero": total["dropped_both_zero"],
+            "prefer_long": total["prefer_long"], "prefer_short": total["prefer_short"],
+            "share_prefer_long": share(total["prefer_long"], total["prefer_short"]), "pairs": total["pairs"],
+            "pairs_by_level": dict(pairs_by_level),
+            "by_difficulty": {lv: {**c, "share_prefer_long": share(c["long"], c["short"])}
+                              for lv, c in sorted(by_level.items())}}
+
+
+def write_pairs(cfg: PreferenceConfig, samples_dir: str, questions: dict[str, dict]) -> dict:
+    """Pair the samples shard by shard into ``pairs.jsonl`` and ``pairs.parquet``; returns the statistics.
+
+    Only one shard's samples (K responses per model per question) and pairs are on the driver at a time.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, out = storage(cfg.output_dir)
+    parts, sums = [], Counter()
+    parquet = None
+    with fs.open_output_stream(f"{out}/pairs.jsonl") as jsonl:
+        for samples in iter_parquet_shards(samples_dir):
+            samples = [s for s in samples if s["id"] in questions]
+            if not samples:
+                continue
+            pairs, stats = pairs_for_questions(samples, cfg, questions)
+            parts.append(stats)
+            for m in ("long", "short"):
+                for f in ("correct", "tokens"):
+                    sums[f"{m}_{f}"] += sum(int(v) for s in samples for v in s[f"{m}_{f}"])
+                sums[f"{m}_n"] += sum(len(s[f"{m}_correct"]) for s in samples)
+            jsonl.write("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs).encode())
+            if pairs:
+                table = pa.Table.from_pylist(pairs)
+                parquet = parquet or pq.ParquetWriter(f"{out}/pairs.parquet", table.schema, filesystem=fs)
+                parquet.write_table(table.cast(parquet.schema))
+    if parquet is not None:
+        parquet.close()
+    stats = merge_pair_stats(parts)
+    for m in ("long", "short"):
+        n = sums[f"{m}_n"]
+        stats[f"accuracy_{m}"] = sums[f"{m}_correct"] / n if n else float("nan")
+        stats[f"mean_tokens_{m}"] = sums[f"{m}_tokens"] / n if n else float("nan")
+    return stats
 
 
 def run_build_preferences(cfg: PreferenceConfig) -> dict:
@@ -87,36 +153,24 @@ def run_build_preferences(cfg: PreferenceConfig) -> dict:
         raise ValueError("build_preferences: set long_model and short_model")
     from transformers import AutoTokenizer
 
-    out = Path(cfg.output_dir)
     problems, removed = training_questions(cfg)
     log.info("build_preferences: %d training questions (%d removed as duplicates of evaluation questions)",
              len(problems), removed)
     if not problems:
         raise ValueError("build_preferences: no training questions left after removing evaluation duplicates")
-    check_sampling_settings(cfg, out / "samples")
+    samples_dir = join_path(cfg.output_dir, "samples")
+    check_sampling_settings(cfg, samples_dir)
     init_ray()
     rows = [{"id": p["id"], "question": p["question"], "answer": p["answer"]} for p in problems]
-    counts = map_to_parquet(rows, PreferenceSampler, {"cfg": cfg}, str(out / "samples"), batch_size=cfg.batch_size,
+    counts = map_to_parquet(rows, PreferenceSampler, {"cfg": cfg}, samples_dir, batch_size=cfg.batch_size,
                             concurrency=cfg.concurrency, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
-                            desc="PreferenceSampler")
-    wanted = {p["id"] for p in problems}
-    samples = [s for s in read_parquet_rows(str(out / "samples")) if s["id"] in wanted]
+                            retries=cfg.retries, desc="PreferenceSampler")
     tok = AutoTokenizer.from_pretrained(cfg.long_model)
     questions = {p["id"]: {"prompt": build_prompt(tok, p["question"], "long", cfg.prompt),
                            "difficulty": p.get("difficulty")} for p in problems}
-    pairs, stats = pairs_for_questions(samples, cfg, questions)
-    stats.update(dedupe_removed=removed, sampling=counts,
-                 accuracy_long=float(np.mean([c for s in samples for c in s["long_correct"]])),
-                 accuracy_short=float(np.mean([c for s in samples for c in s["short_correct"]])),
-                 mean_tokens_long=float(np.mean([n for s in samples for n in s["long_tokens"]])),
-                 mean_tokens_short=float(np.mean([n for s in samples for n in s["short_tokens"]])))
-    write_jsonl(out / "pairs.jsonl", pairs)
-    if pairs:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pq.write_table(pa.Table.from_pylist(pairs), out / "pairs.parquet")
-    (out / "stats.json").write_text(json.dumps(stats, indent=2))
+    stats = write_pairs(cfg, samples_dir, questions)
+    stats.update(dedupe_removed=removed, sampling=counts)
+    write_text(join_path(cfg.output_dir, "stats.json"), json.dumps(stats, indent=2))
     share = stats["share_prefer_long"]
     print(f"questions {stats['questions']}: prefer long {stats['prefer_long']}, prefer short {stats['prefer_short']}"
           f" (long share {share if share is None else f'{share:.1%}'}), dropped (both 0) {stats['dropped_both_zero']}")
@@ -124,7 +178,7 @@ def run_build_preferences(cfg: PreferenceConfig) -> dict:
         s = c["share_prefer_long"]
         print(f"  level {level}: prefer long {c.get('long', 0)}, short {c.get('short', 0)}, dropped "
               f"{c.get('dropped', 0)}" + ("" if s is None else f" (long share {s:.1%})"))
-    print(f"pairs {stats['pairs']}: {stats['pairs_by_level']} -> {out / 'pairs.jsonl'}")
+    print(f"pairs {stats['pairs']}: {stats['pairs_by_level']} -> {join_path(cfg.output_dir, 'pairs.jsonl')}")
     return stats
 
 

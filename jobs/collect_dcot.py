@@ -5,8 +5,9 @@
 
 Recipe: load problems (embedded split or a data file; malformed rows are counted and skipped) → Ray Data actor pool,
 each actor loading the model once → Parquet shards under ``out_dir`` with one record per question id
-(``synadapt.data.dcot.COLUMNS`` + ``error``). Re-running skips ids already written; a killed actor is restarted by
-Ray and its batch redone; at the end every id is checked to be written exactly once.
+(``synadapt.data.dcot.COLUMNS`` + ``error``). ``out_dir`` may be a URI (``s3://bucket/run/dcot``). Re-running skips
+ids already written and redoes those that failed with an error; a killed actor is restarted by Ray and its batch
+redone, a bounded number of times (``retries``); at the end every id is checked to be written exactly once.
 """
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import logging
 import sys
 
 from jobs.common import apply_rows, init_ray, load_stage_config, load_stage_problems, map_to_parquet, read_parquet_rows
+from jobs.vllm_generate import collect_dcot_vllm
 from synadapt.data.dcot import CollectDcotConfig, collect_batch
+from synadapt.models.vllm_engine import check_backend
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +51,16 @@ def run_collect_dcot(cfg: CollectDcotConfig, actor_cls: type = DcotCollector) ->
     problems, malformed = load_stage_problems(cfg.data, cfg.task)
     # Only schema fields travel to the actors: their columns must be uniform (Ray Data builds arrays from them).
     rows = [{k: p.get(k) for k in ("id", "question", "answer", "difficulty")} for p in problems]
+    check_backend(cfg.generation.backend)  # a missing vLLM extra fails here, before Ray starts
     init_ray()
-    counts = map_to_parquet(rows, actor_cls, {"cfg": cfg}, cfg.out_dir, batch_size=cfg.batch_size,
-                            concurrency=cfg.concurrency, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
-                            desc="collect_dcot")
+    if cfg.generation.backend == "vllm":
+        counts = collect_dcot_vllm(cfg, rows)
+    else:
+        counts = map_to_parquet(rows, actor_cls, {"cfg": cfg}, cfg.out_dir, batch_size=cfg.batch_size,
+                                concurrency=cfg.concurrency, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+                                retries=cfg.retries, desc="collect_dcot")
     ids = {r["id"] for r in rows}
-    records = [r for r in read_parquet_rows(cfg.out_dir) if r["id"] in ids]
+    records = [r for r in read_parquet_rows(cfg.out_dir, ["id", "correct"]) if r["id"] in ids]
     counts.update(problems=len(problems), malformed=malformed, correct=sum(bool(r.get("correct")) for r in records))
     return counts
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobs.common import apply_rows, init_ray, load_stage_config, load_stage_problems, map_to_parquet, read_parquet_rows
+from synadapt.config import RetryConfig
 from synadapt.data.source import DataSource
 from synadapt.data.task import TaskConfig
 from synadapt.eval.evaluate import evaluate_generation
@@ -49,6 +50,8 @@ class EvaluateConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     """GPUs per actor (1 for a 7B model); 0 on a CPU machine, where any request for a GPU waits forever."""
+    retries: RetryConfig = field(default_factory=RetryConfig)
+    """Bounded actor restarts / batch retries, and whether a resume redoes rows that failed with an error."""
     threads: int = 1
     """torch threads per actor."""
     reasoner: str = ""
@@ -65,15 +68,19 @@ def _generation(mode: str) -> Callable:
     return run
 
 
-def _adaptive(mode: str, default_tau: float | None, zero_latents: bool = False, easy_route: str = "latent",
-              long_model: bool = False) -> Callable:
-    """A latent row: the SynAdapt reasoner of ``cfg.reasoner`` (loaded once per actor) in one routing setting."""
+def _adaptive(mode: str, default_tau: float | None, latents: str = "refined", easy_route: str = "latent",
+              long_model: bool = False, refiner: str = "refiner") -> Callable:
+    """A latent row: the SynAdapt reasoner of ``cfg.reasoner`` (loaded once per actor) in one routing setting;
+    ``latents`` is a latent control (zeroed, shuffled), ``refiner`` the run's refiner folder."""
     def settings(cfg: EvaluateConfig, arg: str | None) -> float:
         """τ for this row; ValueError when the row cannot run (no reasoner run dir, or no threshold)."""
         if not cfg.reasoner:
             raise ValueError("needs reasoner: the SynAdapt run directory (--reasoner DIR)")
         if not (Path(cfg.reasoner) / "reasoner.json").exists():
             raise ValueError(f"no reasoner.json in {cfg.reasoner!r}")
+        if not (Path(cfg.reasoner) / refiner / "refiner.json").exists():
+            raise ValueError(f"no {refiner}/refiner.json in {cfg.reasoner!r} (ccot_pause needs a refiner trained with "
+                             f"--refiner.pause true saved there)")
         tau = float(arg) if arg is not None else default_tau
         if tau is None:
             raise ValueError("needs a threshold: write it as name@tau, e.g. synadapt@0.5")
@@ -84,10 +91,11 @@ def _adaptive(mode: str, default_tau: float | None, zero_latents: bool = False, 
         from synadapt.latent.reasoner import AdaptiveReasoner
 
         tau = settings(cfg, arg)
-        key = "reasoner+long" if long_model else "reasoner"
+        key = ("reasoner+long" if long_model else "reasoner") + ("" if refiner == "refiner" else "+" + refiner)
         if key not in bundle:
-            bundle[key] = AdaptiveReasoner.load(cfg.reasoner, long_model=cfg.long_model if long_model else None)
-        return evaluate_adaptive(bundle[key], problems, mode, tau, cfg.generation, zero_latents, easy_route)
+            bundle[key] = AdaptiveReasoner.load(cfg.reasoner, long_model=cfg.long_model if long_model else None,
+                                                refiner=refiner)
+        return evaluate_adaptive(bundle[key], problems, mode, tau, cfg.generation, latents, easy_route)
 
     run_adaptive.settings = settings  # run_evaluate checks every row before any Ray work
     return run_adaptive
@@ -98,7 +106,9 @@ METHODS: dict[str, Callable] = {
     "nothink": _generation("nothink"),
     "concise_cot": _generation("concise"),
     "ccot": _adaptive("latent", 1.0),
-    "ccot_zeroed": _adaptive("latent", 1.0, zero_latents=True),
+    "ccot_zeroed": _adaptive("latent", 1.0, latents="zeroed"),
+    "ccot_shuffled": _adaptive("latent", 1.0, latents="shuffled"),
+    "ccot_pause": _adaptive("latent", 1.0, refiner="refiner_pause"),
     "synadapt": _adaptive("auto", None),
     "nothink+classifier": _adaptive("auto", None, easy_route="nothink"),
     "synadapt+adar1": _adaptive("auto", None, long_model=True),
@@ -162,7 +172,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     out = Path(cfg.out_dir)
     counts = map_to_parquet(rows, Evaluator, {"cfg": cfg}, str(out / "records"), batch_size=cfg.batch_size,
                             concurrency=cfg.concurrency, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
-                            desc="evaluate")
+                            retries=cfg.retries, desc="evaluate")
     wanted = {r["id"] for r in rows}
     records = [r for r in read_parquet_rows(str(out / "records")) if r["id"] in wanted]
     table = []

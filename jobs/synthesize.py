@@ -54,9 +54,11 @@ def run_synthesize(cfg: SynthesizeConfig) -> dict:
     init_ray()
     counts = map_to_parquet(rows, LatentSynthesizer, {"cfg": cfg}, cfg.out_dir, batch_size=cfg.batch_size,
                             concurrency=cfg.concurrency, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
-                            desc="synthesize")
+                            retries=cfg.retries, desc="synthesize")
     ids = {r["id"] for r in rows}
-    records = [r for r in read_parquet_rows(cfg.out_dir) if r["id"] in ids and not r.get("error")]
+    # Small columns only: the Z arrays (m x hidden floats per question) stay on storage.
+    records = [r for r in read_parquet_rows(cfg.out_dir, ["id", "error", "converged", "steps", "loss_dcot"])
+               if r["id"] in ids and not r.get("error")]
     counts.update(dcot_records=len(dcots), incorrect_dcot_skipped=len(dcots) - len(rows),
                   converged=sum(bool(r["converged"]) for r in records),
                   failed_to_converge=sum(not r["converged"] for r in records),

@@ -18,8 +18,15 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from jobs.common import (apply_rows, fit_torch_trainer, init_ray, load_stage_config, load_stage_problems,
-                         map_to_parquet, read_parquet_rows)
+from jobs.common import (
+    apply_rows,
+    fit_torch_trainer,
+    init_ray,
+    load_stage_config,
+    load_stage_problems,
+    map_to_parquet,
+    read_parquet_rows,
+)
 from synadapt.config import build
 from synadapt.latent.stages import ClassifierJobConfig, feature_batch
 
@@ -49,7 +56,7 @@ def classifier_train_loop(config: dict) -> None:
     from synadapt.latent.classifier import train_classifier
 
     cfg = build(ClassifierJobConfig, config["cfg"])
-    rows = config["rows"]
+    rows = list(ray.train.get_dataset_shard("train").iter_rows())  # every worker gets every row: a full-batch fit
     clf = train_classifier(torch.tensor([r["features"] for r in rows]),
                            torch.tensor([float(r["hard"]) for r in rows]), cfg.classifier)
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,7 +69,7 @@ def classifier_train_loop(config: dict) -> None:
 
 
 def label(cfg: ClassifierJobConfig, data, out_dir: str) -> list[dict]:
-    problems, malformed = load_stage_problems(data, cfg.task)
+    problems, _malformed = load_stage_problems(data, cfg.task)
     rows = [{k: p.get(k) for k in ("id", "question", "answer", "difficulty")} for p in problems]
     map_to_parquet(rows, FeatureLabeler, {"cfg": cfg}, out_dir, batch_size=cfg.batch_size,
                    concurrency=cfg.concurrency, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, desc="label")
@@ -92,6 +99,8 @@ def classifier_report(train_rows: list[dict], eval_rows: list[dict], clf, cfg) -
 
 def run_train_classifier(cfg: ClassifierJobConfig, eval_data=None) -> dict:
     """Label, fit, evaluate; writes the classifier into ``cfg.run_dir/classifier`` and returns the F1 report."""
+    import ray.data
+
     from synadapt.data.source import DataSource
     from synadapt.latent.classifier import DifficultyClassifier
 
@@ -99,8 +108,10 @@ def run_train_classifier(cfg: ClassifierJobConfig, eval_data=None) -> dict:
     train_rows = label(cfg, cfg.data, str(Path(cfg.features_dir) / "train"))
     if not train_rows:
         raise ValueError("train_classifier: no labelled questions")
-    result = fit_torch_trainer(classifier_train_loop, {"cfg": asdict(cfg), "rows": train_rows},
-                               name="train_classifier", num_workers=cfg.num_workers,
+    result = fit_torch_trainer(classifier_train_loop, {"cfg": asdict(cfg)}, name="train_classifier",
+                               datasets={"train": ray.data.from_items(
+                                   [{"features": r["features"], "hard": r["hard"]} for r in train_rows])},
+                               split_datasets=False, num_workers=cfg.num_workers,
                                storage_path=cfg.storage_path or str(Path(cfg.features_dir).absolute() / "ray"))
     out = Path(cfg.run_dir) / "classifier"
     with result.checkpoint.as_directory() as ckpt:

@@ -50,7 +50,9 @@ def run_dpo(cfg: DpoConfig) -> str:
     rows = read_pairs(cfg.pairs)
     log.info("dpo: %d preference pairs from %s, beta %.3g, lr %.3g", len(rows), cfg.pairs, cfg.beta,
              cfg.train.learning_rate)
-    return fit_and_export(build_dpo_trainer, cfg, rows, "dpo")
+    # Only the trainer's fields: extra ones (level, question id) may differ in type between rows.
+    return fit_and_export(build_dpo_trainer, cfg, [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows],
+                          "dpo")
 
 
 def main(argv: list[str] | None = None) -> int:

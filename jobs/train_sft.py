@@ -96,13 +96,16 @@ def check_checkpoint_complete(checkpoint_dir: str, world_size: int) -> None:
 
 def train_loop(config: dict) -> None:
     """One Ray Train worker: build the TRL trainer, report its checkpoints, resume from the latest one."""
+    import ray.train
     import torch
     from ray.train.huggingface.transformers import prepare_trainer
 
     settings: TrainSettings = config["cfg"].train
     torch.set_num_threads(settings.threads_per_worker)
     skip_deepspeed_shm_build()
-    trainer = config["build"](config["cfg"], config["rows"], config["work_dir"], config["deepspeed"])
+    # Every worker gets every row (a small text set); the HF trainer's distributed sampler gives each rank its part.
+    rows = list(ray.train.get_dataset_shard("train").iter_rows())
+    trainer = config["build"](config["cfg"], rows, config["work_dir"], config["deepspeed"])
     trainer.add_callback(CompleteCheckpointReport())
     trainer = prepare_trainer(trainer)
     resume = hf_checkpoint(latest_checkpoint_dir())
@@ -113,7 +116,14 @@ def train_loop(config: dict) -> None:
 
 
 def fit_and_export(build, cfg, rows: list[dict], stage: str) -> str:
-    """Fit ``build``'s trainer on Ray Train with ``cfg.train`` and export the result to ``cfg.output_dir``."""
+    """Fit ``build``'s trainer on Ray Train with ``cfg.train`` and export the result to ``cfg.output_dir``.
+
+    ``rows`` reach the workers as a Ray Dataset that every worker reads whole: TRL needs a map-style dataset to
+    tokenize, and its sampler splits it by rank and, on resume, skips exactly the batches already trained on, which
+    holds only if every rank sees the same rows in the same order (hence one block).
+    """
+    import ray.data
+
     s: TrainSettings = cfg.train
     init_ray()
     name = s.run_name or stage
@@ -122,8 +132,9 @@ def fit_and_export(build, cfg, rows: list[dict], stage: str) -> str:
     try:
         result = fit_torch_trainer(
             train_loop,
-            {"cfg": cfg, "rows": rows, "build": build, "work_dir": work_dir,
+            {"cfg": cfg, "build": build, "work_dir": work_dir,
              "deepspeed": deepspeed_config(s.deepspeed_stage) if s.deepspeed_stage else None},
+            datasets={"train": ray.data.from_items(rows, override_num_blocks=1)}, split_datasets=False,
             name=name, storage_path=s.storage_path or f"{cfg.output_dir.rstrip('/')}-ray", num_workers=s.num_workers,
             use_gpu=s.use_gpu, max_failures=s.max_failures, resources_per_worker={"CPU": s.cpus_per_worker})
     finally:

@@ -7,6 +7,10 @@
 
 ``build_app`` is the application builder that ``serve run serve/config.yaml``, ``serve deploy`` and
 ``synadapt serve`` use; every deployment takes its replicas, autoscaling, resources and queue limits from that file.
+
+Nothing is lost when a model replica dies: a call whose replica dies before answering (for a stream: before its
+first token) is made again, and Serve routes it to a live replica or the replacement, within the request's
+deadline; only a stream already under way can fail, and then with an SSE error event.
 """
 # No `from __future__ import annotations`: FastAPI must see the real `Request` annotations of the ingress routes.
 import asyncio
@@ -45,6 +49,7 @@ from serve.schemas import (
 )
 from synadapt.config import load_config
 from synadapt.models.lm import build_prompt
+from synadapt.models.vllm_engine import check_backend
 
 log = logging.getLogger("ray.serve")
 
@@ -55,6 +60,37 @@ api = FastAPI(title="synadapt", description="OpenAI-compatible adaptive-reasonin
 def error_response(e: ApiError) -> JSONResponse:
     headers = {"www-authenticate": "Bearer"} if e.status == 401 else None
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+def overloaded(detail: str) -> ApiError:
+    return ApiError(503, f"server overloaded, retry later ({detail})", None, "overloaded", "server_error")
+
+
+class _Admission:
+    """ASGI middleware: a /v1 request beyond ``limit`` in flight on this replica (a stream counts until its last
+    byte) gets at once the JSON 503 a model deployment's overload gets; were the replica's max_ongoing_requests
+    reached instead, Serve's proxy would answer in plain text."""
+
+    limit = ServeConfig.max_inflight_requests
+    """Set by the Ingress from its config (a class attribute: Serve runs a frozen copy of ``api``)."""
+
+    def __init__(self, app):
+        self.app, self.inflight = app, 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        if self.inflight >= self.limit:
+            detail = f"{self.inflight} requests in flight on this ingress replica"
+            return await error_response(overloaded(detail))(scope, receive, send)
+        self.inflight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.inflight -= 1
+
+
+api.add_middleware(_Admission)
 
 
 @api.exception_handler(HTTPException)
@@ -69,7 +105,7 @@ def as_api_error(e: Exception, timeout_s: float | None = None) -> ApiError:
     if isinstance(e, ApiError):
         return e
     if isinstance(e, BackPressureError):
-        return ApiError(503, f"server overloaded, retry later ({e.message})", None, "overloaded", "server_error")
+        return overloaded(e.message)
     if isinstance(e, (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError)):
         return ApiError(503, "a model replica is unavailable (it is being replaced); retry", None,
                         "replica_unavailable", "server_error")
@@ -157,6 +193,7 @@ async def _deadline(job: _Job, items, gen):
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=512, max_queued_requests=512,
+                  graceful_shutdown_timeout_s=130,
                   autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 128})
 @serve.ingress(api)
 class Ingress:
@@ -164,6 +201,7 @@ class Ingress:
 
     def __init__(self, latent, long, cfg: ServeConfig):
         self.latent, self.long, self.cfg = latent, long, cfg
+        _Admission.limit = cfg.max_inflight_requests
         base, self.fmt = read_run(cfg.run_dir)
         self.tok = AutoTokenizer.from_pretrained(base)  # to count prompt tokens against the limits
         self.context = getattr(AutoConfig.from_pretrained(cfg.long_model or base), "max_position_embeddings", None)
@@ -215,6 +253,14 @@ class Ingress:
         except Exception as e:  # noqa: BLE001 -- every failure becomes a JSON error
             return error_response(as_api_error(e))
 
+    @api.post("/debug/break_long")
+    async def debug_break_long(self, request: Request):
+        """Test only: NaN weights in the LongCoT replica, so its check_health fails and Serve replaces it."""
+        if not self.cfg.debug_routes:
+            return error_response(ApiError(404, "Not Found", None, "not_found"))
+        await self.long.break_model.remote()
+        return {"status": "broken"}
+
     def _timeout(self, request: Request) -> float:
         raw = request.headers.get("x-synadapt-timeout-s")
         try:
@@ -255,34 +301,43 @@ class Ingress:
             return error_response(as_api_error(e, job.timeout_s if job else None))
 
     @staticmethod
-    async def _within(job: _Job, awaitable, response):
-        """Await a handle call within the request's deadline; on timeout cancel it downstream (TimeoutError)."""
-        try:
-            return await asyncio.wait_for(awaitable, job.remaining())
-        except TimeoutError:
-            response.cancel()
-            raise
+    async def _first(job: _Job, call, stream: bool = False):
+        """``call()`` (a handle call) and its result, or a stream's first item, within the request's deadline (on
+        timeout it is cancelled downstream and TimeoutError raised). A replica that dies before answering is not
+        the client's failure: the call is made again, and Serve routes it to a live replica or the replacement."""
+        pause = 0.1
+        while True:
+            response = call()
+            try:
+                return response, await asyncio.wait_for(response.__anext__() if stream else response, job.remaining())
+            except TimeoutError:
+                response.cancel()
+                raise
+            except (RayActorError, ReplicaUnavailableError) as e:  # ActorDiedError, ActorUnavailableError too
+                if job.remaining() <= pause:
+                    raise
+                log.warning("request %s: a replica died before answering (%s); retrying", job.rid, type(e).__name__)
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, 2.0)
 
     async def _run(self, job: _Job):
         req, latent = job.req, None
+        sampling = {"temperature": req.temperature or 0.0, "top_p": req.top_p or 1.0}
         if job.mode != "long":
-            call = self.latent.route.remote({"question": job.question, "tau": job.tau, "mode": job.mode,
-                                             "max_new_tokens": min(job.max_tokens, self.cfg.latent_answer_tokens)})
-            latent = await self._within(job, call, call)
+            _, latent = await self._first(job, lambda: self.latent.route.remote(
+                {"question": job.question, "tau": job.tau, "mode": job.mode,
+                 "max_new_tokens": min(job.max_tokens, self.cfg.latent_answer_tokens), **sampling}))
         if latent is not None and latent["route"] == "latent":
             # The latent thought stands where text would: the continuation is "</think>" + answer.
             raw = self.fmt.think_end + (latent["text"] or "")
             if req.stream:
                 return self._stream(job, latent, _items([{"delta": raw}, {"done": None}]), None)
             return self._respond(job, latent, None, raw, latent["generated_tokens"])
-        params = {"question": job.question, "max_tokens": job.max_tokens, "temperature": req.temperature or 0.0,
-                  "top_p": req.top_p or 1.0, "stop": req.stop}
-        if req.stream:
-            gen = self.long.options(stream=True).stream.remote(params)
-            first = await self._within(job, gen.__anext__(), gen)  # overload errors surface before any byte is sent
+        params = {"question": job.question, "max_tokens": job.max_tokens, "stop": req.stop, **sampling}
+        if req.stream:  # nothing is sent before the first item: overload errors are JSON, a dead replica retried
+            gen, first = await self._first(job, lambda: self.long.options(stream=True).stream.remote(params), True)
             return self._stream(job, latent, _items([first], gen), gen)
-        call = self.long.generate.remote(params)
-        long = await self._within(job, call, call)
+        _, long = await self._first(job, lambda: self.long.generate.remote(params))
         return self._respond(job, latent, long, long["text"], long["generated_tokens"])
 
     def _respond(self, job: _Job, latent: dict | None, long: dict | None, raw: str, generated: int) -> JSONResponse:
@@ -364,8 +419,20 @@ def build_app(args: dict):
     cfg = load_config(ServeConfig, None, args)
     if cfg.reasoning_mode not in ("auto", "latent", "long"):
         raise ValueError(f"reasoning_mode must be auto, latent or long, got {cfg.reasoning_mode!r}")
+    ingress_slots = options.get("Ingress", {}).get("max_ongoing_requests", Ingress.max_ongoing_requests)
+    if cfg.max_inflight_requests >= ingress_slots:
+        raise ValueError(f"max_inflight_requests ({cfg.max_inflight_requests}) must be below the Ingress "
+                         f"deployment's max_ongoing_requests ({ingress_slots}), so the ingress answers its own "
+                         "overflow with a JSON 503")
     cfg.run_dir = resolve_run_dir(cfg.run_dir)
     if cfg.long_model:
         cfg.long_model = str(Path(cfg.long_model).expanduser().resolve())
     with_opts = lambda d: d.options(**options[d.name]) if d.name in options else d
-    return with_opts(Ingress).bind(with_opts(LatentReasoner).bind(cfg), with_opts(LongCoT).bind(cfg), cfg)
+    check_backend(cfg.long_backend, "long_backend")  # a missing vllm extra fails here, before any replica starts
+    if cfg.long_backend == "vllm":
+        from serve.llm_backend import build_long_cot  # ray.serve.llm imports vLLM
+
+        long = build_long_cot(cfg, options.get("LongCoT", {}))
+    else:
+        long = with_opts(LongCoT).bind(cfg)
+    return with_opts(Ingress).bind(with_opts(LatentReasoner).bind(cfg), long, cfg)

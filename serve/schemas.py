@@ -32,12 +32,11 @@ class Limits:
 
 @dataclass
 class BatchConfig:
-    """How a model deployment groups concurrent requests into one batch (``@serve.batch``)."""
+    """How a model deployment groups concurrent requests into one batch. A batch starts as soon as the model is
+    free, with the requests that queued meanwhile: no request waits for others to arrive."""
 
     max_batch_size: int = 8
     """Most requests per batch; keep the deployment's max_ongoing_requests at least this large."""
-    batch_wait_timeout_s: float = 0.01
-    """How long the first request of a batch waits for others."""
 
 
 @dataclass
@@ -48,6 +47,11 @@ class ServeConfig:
     """SynAdapt run directory (reasoner.json, refiner/, classifier/), or a directory with exactly one below it."""
     long_model: str = ""
     """Model that re-thinks hard questions: empty means the run's base model; or an AdaR1 merged/DPO model dir."""
+    long_backend: str = "hf"
+    """What serves LongCoT: hf (transformers, this package's deployment) or vllm (a vLLM engine on Ray Serve LLM,
+    serve/llm_backend.py; needs the vllm extra)."""
+    long_gpus: float = 0.0
+    """long_backend vllm: GPUs of each LongCoT replica's engine (its own placement-group bundle); 0 on CPU."""
     model_name: str = "synadapt"
     """The model id that /v1/models lists and requests name."""
     device: str = ""
@@ -66,8 +70,12 @@ class ServeConfig:
     api_key_env: str = ""
     """Name of an env var holding the API key; when set, /v1 routes need 'Authorization: Bearer <key>'
     and the ingress refuses to start if the variable is empty."""
+    max_inflight_requests: int = 448
+    """Requests one ingress replica holds at once; beyond it a request gets a JSON 503 at once. Keep it below the
+    Ingress deployment's max_ongoing_requests, or Serve's proxy answers the overflow with a plain-text 503."""
     debug_routes: bool = False
-    """Test only: enables POST /debug/error (an exception inside the LongCoT replica)."""
+    """Test only: enables POST /debug/error (an exception inside the LongCoT replica) and POST /debug/break_long
+    (NaN weights in the LongCoT replica, so its health check fails)."""
     limits: Limits = field(default_factory=Limits)
     latent_batch: BatchConfig = field(default_factory=BatchConfig)
     long_batch: BatchConfig = field(default_factory=BatchConfig)
@@ -95,7 +103,7 @@ class _Request(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     """Newer OpenAI name of ``max_tokens`` (chat); ``max_tokens`` wins when both are given."""
     temperature: float | None = Field(None, ge=0.0, le=2.0)
-    """0 (the default) means greedy decoding. The latent route always answers greedily."""
+    """0 (the default) means greedy decoding; both routes honour it (and ``top_p``)."""
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = Field(default_factory=list)
     """Becomes a list (possibly empty) after validation."""

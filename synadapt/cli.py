@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +22,24 @@ QUICK = {
     "dpo": {"train": {"max_steps": 10}},
 }
 """``--quick``: every stage on a few questions (a smoke run of the real code path, not real numbers)."""
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+NOT_IN_CHECKOUT = (
+    "synadapt {command}: runs the Ray jobs in jobs/ and serve/, which live in the repository, not in the wheel "
+    f"(no jobs/pipeline.py beside {Path(__file__).resolve().parent}). Clone the repository and `pip install -e .` "
+    "there, or run `python -m jobs.pipeline` from its root.")
+
+
+def use_checkout() -> bool:
+    """Make the repository's jobs/ and serve/ importable, here and in the Ray workers this process starts; False
+    when this package is not inside a checkout (an installed wheel carries only ``synadapt``)."""
+    if not (CHECKOUT / "jobs" / "pipeline.py").is_file() or not (CHECKOUT / "serve" / "launch.py").is_file():
+        return False
+    if str(CHECKOUT) not in sys.path:
+        sys.path.insert(0, str(CHECKOUT))
+        # A local Ray instance starts its workers with this environment: they unpickle jobs.* classes too.
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(CHECKOUT), os.environ.get("PYTHONPATH")) if p)
+    return True
 
 
 def cmd_demo(args, overrides: list[str]) -> int:
@@ -76,15 +95,19 @@ def cmd_eval(args, overrides: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.pipeline import PipelineConfig
+    in_checkout = use_checkout()
+    demo_epilog = NOT_IN_CHECKOUT.format(command="demo")
+    if in_checkout:
+        from jobs.pipeline import PipelineConfig
 
+        demo_epilog = ("config fields, each settable as --dotted.name VALUE (overrides the YAML file):\n"
+                       + "\n".join(describe(PipelineConfig)))
     parser = argparse.ArgumentParser(prog="synadapt", description="Adaptive reasoning: SynAdapt + AdaR1 on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo", help="run the end-to-end pipeline on the embedded task and print the results table",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config fields, each settable as --dotted.name VALUE (overrides the YAML file):\n"
-               + "\n".join(describe(PipelineConfig)))
+        epilog=demo_epilog)
     demo.add_argument("--config", help="YAML file with PipelineConfig fields (see configs/toy.yaml)")
     demo.add_argument("--out", help="run directory (same as --out in the config)")
     demo.add_argument("--quick", action="store_true",
@@ -111,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--config", help="Serve config YAML (default serve/config.yaml)")
     args, overrides = parser.parse_known_args(argv)
+    if args.command in ("demo", "serve") and not in_checkout:
+        print(NOT_IN_CHECKOUT.format(command=args.command), file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return {"demo": cmd_demo, "eval": cmd_eval, "serve": cmd_serve}[args.command](args, overrides)

@@ -116,3 +116,16 @@ def describe(cls, prefix: str = "", defaults=None) -> list[str]:
         else:
             lines.append(f"  --{prefix}{f.name} (default {value!r}) {docs.get(f.name, '')}".rstrip())
     return lines
+
+
+@dataclasses.dataclass
+class RetryConfig:
+    """How a Ray Data stage survives failures without looping forever on one that repeats."""
+
+    max_actor_restarts: int = 2
+    """Times Ray restarts an actor whose process died (host OOM, segfault, a killed node) before the job fails."""
+    max_task_retries: int = 2
+    """Times a batch whose actor died is retried (on a restarted or another actor) before the job fails."""
+    retry_errors: bool = True
+    """On resume, redo rows that a previous run recorded with an error (a transient CUDA OOM, a lost file) instead of
+    keeping the error record; False keeps them as done."""

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,7 +21,7 @@ import yaml
 from jobs.collect_dcot import DcotCollector, run_collect_dcot
 from jobs.common import deepspeed_config, fit_torch_trainer, load_stage_config, map_to_parquet, read_parquet_rows
 from jobs.evaluate import EvaluateConfig, run_evaluate
-from synadapt.config import build
+from synadapt.config import RetryConfig, build
 from synadapt.data.dcot import COLUMNS, CollectDcotConfig
 from synadapt.data.problems import write_jsonl
 from synadapt.data.source import DataSource
@@ -191,6 +193,84 @@ def test_evaluate_writes_records_and_results(ray_session, tiny_dir, tmp_path):
     assert (tmp_path / "ev" / "results.md").exists()
 
 
+def test_a_transient_read_error_leaves_a_good_shard_alone(tmp_path):
+    import errno
+
+    from fsspec.implementations.local import LocalFileSystem
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    from jobs.common import _shard_columns
+
+    class FlakyDisk(LocalFileSystem):
+        """The local disk, except that the first file read fails with EIO, as NFS or an object store can."""
+
+        failures = 1
+
+        def _open(self, path, mode="rb", **kwargs):
+            if "r" in mode and FlakyDisk.failures:
+                FlakyDisk.failures -= 1
+                raise OSError(errno.EIO, "Input/output error", path)
+            return super()._open(path, mode, **kwargs)
+
+    pq.write_table(pa.table({"id": ["a", "b"], "error": ["", ""]}), tmp_path / "s0.parquet")
+    with pytest.raises(OSError, match="Input/output error"):
+        _shard_columns(PyFileSystem(FSSpecHandler(FlakyDisk(skip_instance_cache=True))), str(tmp_path), ["id"])
+    assert [p.name for p in tmp_path.iterdir()] == ["s0.parquet"]  # not renamed to .bad: its rows stay done
+    assert read_parquet_rows(str(tmp_path)) == [{"id": "a", "error": ""}, {"id": "b", "error": ""}]
+
+
+def test_a_batch_that_kills_every_actor_fails_the_job_in_bounded_time(ray_session, tiny_dir, tmp_path):
+    deaths, victim = tmp_path / "deaths", make_splits(TASK)["train"][9]["id"]
+
+    class KilledByItsBatch(DcotCollector):
+        """Its process dies (no exception, no cleanup: a host OOM kill, a segfault) whenever it is handed ``victim``."""
+
+        def __call__(self, batch):
+            if victim in batch["id"].tolist():
+                with deaths.open("a") as f:
+                    f.write(f"{os.getpid()}\n")
+                os._exit(1)
+            return super().__call__(batch)
+
+    cfg = dcot_config(tiny_dir, tmp_path / "dcot", retries=RetryConfig(max_actor_restarts=1, max_task_retries=1))
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"collect_dcot: an actor process died and its batch failed after 1 "):
+        run_collect_dcot(cfg, actor_cls=KilledByItsBatch)  # Ray Data's defaults retry this batch forever
+    assert len(deaths.read_text().split()) == 2 and time.monotonic() - t0 < 300  # one try, one retry, no more
+    written = {r["id"] for r in read_parquet_rows(cfg.out_dir, ["id"])}
+    assert victim not in written
+    counts = run_collect_dcot(cfg)  # the batches that finished before the failure are kept
+    assert counts["skipped"] == len(written) and counts["total"] == 24 and counts["errors"] == 0
+
+
+def test_rows_that_failed_with_an_error_are_redone_on_resume(ray_session, tiny_dir, tmp_path):
+    victim = make_splits(TASK)["train"][3]["id"]
+
+    class CudaOutOfMemory(DcotCollector):
+        """A transient failure on one question, as a CUDA OOM under a big batch is."""
+
+        def run(self, rows):
+            if any(r["id"] == victim for r in rows):
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return super().run(rows)
+
+    cfg = dcot_config(tiny_dir, tmp_path / "dcot")
+    first = run_collect_dcot(cfg, actor_cls=CudaOutOfMemory)
+    assert first["errors"] == 1 and first["total"] == 24
+    kept = run_collect_dcot(replace(cfg, retries=RetryConfig(retry_errors=False)))
+    assert kept["written"] == 0 and kept["errors"] == 1 and kept["errors_retried"] == 0
+    before = shard_state(tmp_path / "dcot")
+    again = run_collect_dcot(cfg)
+    assert again["errors_retried"] == 1 and again["written"] == 1 and again["errors"] == 0 and again["total"] == 24
+    records = read_parquet_rows(cfg.out_dir)
+    assert Counter(r["id"] for r in records) == Counter(p["id"] for p in make_splits(TASK)["train"])
+    redone = next(r for r in records if r["id"] == victim)
+    assert redone["error"] == "" and redone["response"]
+    after = shard_state(tmp_path / "dcot")
+    assert sum(after.get(name) != t for name, t in before.items()) == 1  # only the victim's shard was rewritten
+    assert len(after) == len(before) + 1
+
+
 # ---------------------------------------------------------------------------------------------- Ray Train stage
 
 
@@ -289,3 +369,64 @@ def test_train_refiner_job_continues_from_a_saved_refiner(ray_session, tiny_dir,
     before = load_file(tmp_path / "init" / "projection.safetensors")
     after = load_file(tmp_path / "out" / "projection.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def write_zsyn_shards(out: Path, problems: list[dict], m: int, dim: int) -> None:
+    """Z_syn shards as synthesize leaves them: converged records, one that did not converge, one error record."""
+    out.mkdir()
+    rows = [{"id": p["id"], "converged": True, "shape": [m, dim], "z": [[0.1 * (i % 3)] * dim] * m, "error": ""}
+            for i, p in enumerate(problems)]
+    rows[-1]["converged"] = False
+    pq.write_table(pa.Table.from_pylist(rows[:len(rows) // 2]), out / "part-0.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[len(rows) // 2:]), out / "part-1.parquet")
+    pq.write_table(pa.Table.from_pylist([{"id": "broken", "error": "RuntimeError: boom"}]), out / "part-2.parquet")
+
+
+def two_worker_refiner_config(tiny_dir, tmp_path, **kw):
+    from synadapt.latent.refiner import RefinerConfig
+    from synadapt.latent.stages import RefinerJobConfig
+
+    problems = [p for p in make_splits(TASK)["train"] if p["difficulty"] <= 2]  # 8: their targets fit in m = 5
+    write_zsyn_shards(tmp_path / "zsyn", problems, 5, 32)  # 7 usable records: an equal split gives 3 per worker
+    return RefinerJobConfig(model=tiny_dir, zsyn_dir=str(tmp_path / "zsyn"), task=TASK, out_dir=str(tmp_path / "out"),
+                            refiner=RefinerConfig(m=5, n_passes=2, lambda_step=1.0, batch_size=2, **kw),
+                            num_workers=2, checkpoint_every=2, threads=2)
+
+
+def test_refiner_on_two_deepspeed_workers_stops_together_stays_in_sync_and_resumes(ray_session, tiny_dir, tmp_path):
+    """ZeRO-2 on 2 workers under a time budget: each rank deciding on its own clock made them report a different
+    number of times and wait for each other forever. Then a re-run continues with the optimizer state restored."""
+    import torch
+
+    from jobs.train_refiner import run_train_refiner
+
+    cfg = two_worker_refiner_config(tiny_dir, tmp_path, train_seconds=8.0, max_steps=10**6)
+    first = run_train_refiner(cfg)
+    assert first["steps"] >= 1 and first["resumed_from_step"] == 0 and first["examples"] == 3
+    assert first["optimizer_steps"] == first["steps"]
+    assert first["weight_spread"] == 0.0  # ZeRO-2 really shares one optimisation between the ranks
+    assert {"loss", "loss_ans", "loss_align", "loss_step"} <= set(first)
+    latest = max(p for p in (tmp_path / "ray" / "train_refiner").glob("checkpoint_*") if p.is_dir())
+    tree = sorted(str(p.relative_to(latest)) for p in latest.rglob("*"))
+    tag = (latest / "deepspeed" / "latest").read_text()
+    assert tag == f"global_step{first['steps']}", tree
+    assert {f"deepspeed/{tag}/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= set(tree), tree
+    saved = torch.load(latest / "deepspeed" / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert saved and all("lora_" in k or k.startswith("proj.") for k in saved)  # not the frozen base model
+
+    more = run_train_refiner(replace(cfg, refiner=replace(cfg.refiner, train_seconds=1e9,
+                                                          max_steps=first["steps"] + 2)))
+    assert more["resumed_from_step"] == first["steps"] and more["steps"] == first["steps"] + 2
+    assert more["optimizer_steps"] == more["steps"]  # a fresh optimizer would count 2: Adam's state was restored
+    assert more["weight_spread"] == 0.0 and (tmp_path / "out" / "projection.safetensors").exists()
+
+
+def test_refiner_on_two_ddp_workers_stays_in_sync_and_resumes(ray_session, tiny_dir, tmp_path):
+    """deepspeed_stage 0 = DDP: without wrapping the model each worker trained its own copy on its own shard."""
+    from jobs.train_refiner import run_train_refiner
+
+    cfg = replace(two_worker_refiner_config(tiny_dir, tmp_path, train_seconds=1e9, max_steps=3), deepspeed_stage=0)
+    first = run_train_refiner(cfg)
+    assert first["steps"] == 3 and first["optimizer_steps"] == 3 and first["weight_spread"] == 0.0
+    more = run_train_refiner(replace(cfg, refiner=replace(cfg.refiner, max_steps=5)))
+    assert more["resumed_from_step"] == 3 and more["optimizer_steps"] == 5 and more["weight_spread"] == 0.0

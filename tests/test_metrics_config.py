@@ -32,8 +32,8 @@ def test_rows_rel_g_and_results_files(tmp_path):
 def test_config_yaml_overrides_and_errors(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("out: runs/x\ntask:\n  levels: 4\nreasoner:\n  lr: 1\n")
-    cfg = load_config(PipelineConfig, f, ["--task.levels", "3", "--generation.max_new_tokens=12"])
-    assert cfg.out == "runs/x" and cfg.task.levels == 3 and cfg.generation.max_new_tokens == 12
+    cfg = load_config(PipelineConfig, f, ["--task.levels", "3", "--evaluate.generation.max_new_tokens=12"])
+    assert cfg.out == "runs/x" and cfg.task.levels == 3 and cfg.evaluate.generation.max_new_tokens == 12
     assert cfg.reasoner.lr == 1.0 and isinstance(cfg.reasoner.lr, float)
     assert cfg.task.ops == "+-"  # untouched nested defaults survive a partial section
     with pytest.raises(ValueError, match="task.levelz"):

@@ -57,26 +57,62 @@ def test_config_yaml_is_a_valid_serve_config(tmp_path):
         build_app({"run_dir": str(run), "deployments": [{"name": "Router"}]})
     with pytest.raises(FileNotFoundError, match="no reasoner.json"):
         resolve_run_dir(str(tmp_path / "nowhere"))
+    for d in conf["applications"][0]["deployments"]:  # a downscale lets every request in flight finish
+        assert d["graceful_shutdown_timeout_s"] > app.args["request_timeout_s"], d["name"]
+    with pytest.raises(ValueError, match=r"max_inflight_requests \(600\) must be below .* \(512\)"):
+        build_app({"run_dir": str(run), "max_inflight_requests": 600,
+                   "deployments": [{"name": "Ingress", "max_ongoing_requests": 512}]})
+
+
+def test_batcher_starts_a_lone_request_at_once_and_batches_what_queues_meanwhile():
+    import asyncio
+
+    from serve.deployments import Batcher
+
+    batches = []
+
+    def work(items):
+        batches.append(items)
+        time.sleep(0.3)
+        if "boom" in items:
+            raise RuntimeError("boom")
+        return [f"{x}!" for x in items]
+
+    async def scenario():
+        batcher = Batcher(work, max_batch_size=3, key=lambda x: x[0])  # a batch shares its items' first letter
+        first = asyncio.create_task(batcher.submit("a1"))
+        await asyncio.sleep(0.1)  # a1 runs alone; these queue while it runs
+        rest = [asyncio.create_task(batcher.submit(x)) for x in ("a2", "b1", "a3", "gone", "a4", "a5")]
+        await asyncio.sleep(0)
+        rest.pop(3).cancel()  # a caller that gave up is dropped from the queue
+        assert await asyncio.gather(first, *rest) == ["a1!", "a2!", "b1!", "a3!", "a4!", "a5!"]
+        with pytest.raises(RuntimeError, match="boom"):  # a failed batch fails its callers, and only them
+            await batcher.submit("boom")
+        assert await batcher.submit("c1") == "c1!" and batcher.batch_started is None
+
+    asyncio.run(scenario())
+    assert batches == [["a1"], ["a2", "a3", "a4"], ["b1"], ["a5"], ["boom"], ["c1"]]
 
 
 def _test_config(path: Path) -> str:
     """serve/config.yaml with small limits, tight LongCoT queues, auth on and tiny CPU shares."""
     conf = yaml.safe_load(CONFIG.read_text())
     app = conf["applications"][0]
-    app["args"].update(api_key_env=KEY_ENV, debug_routes=True, request_timeout_s=30,
+    app["args"].update(api_key_env=KEY_ENV, debug_routes=True, request_timeout_s=60, max_inflight_requests=8,
                        limits={"max_prompt_chars": 200, "max_prompt_tokens": 100, "max_tokens": 64,
                                "default_max_tokens": 16},
-                       latent_batch={"max_batch_size": 4, "batch_wait_timeout_s": 0.02},
-                       long_batch={"max_batch_size": 2, "batch_wait_timeout_s": 0.02})
+                       latent_batch={"max_batch_size": 4}, long_batch={"max_batch_size": 2})
     one = {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 2}
     for d in app["deployments"]:
         d["autoscaling_config"] = one
         d["ray_actor_options"] = {"num_cpus": 0.1 if d["name"] == "Ingress" else 0.2}
+        if d["name"] != "Ingress":  # a broken or killed model replica is found within seconds
+            d.update(health_check_period_s=1, health_check_timeout_s=10)
     ingress, latent, long = (next(d for d in app["deployments"] if d["name"] == n)
                              for n in ("Ingress", "LatentReasoner", "LongCoT"))
     ingress["ray_actor_options"]["runtime_env"] = {"env_vars": {KEY_ENV: KEY}}  # replicas are other processes
     latent.update(max_ongoing_requests=4, max_queued_requests=8)
-    long.update(max_ongoing_requests=2, max_queued_requests=2)  # small, so a burst gets 503s
+    long.update(max_ongoing_requests=2, max_queued_requests=4)  # small, so a burst gets 503s
     path.write_text(yaml.safe_dump(conf))
     return str(path)
 
@@ -104,7 +140,7 @@ def call(path: str, body=None, key: str | None = KEY, headers: dict | None = Non
     h = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
     req = urllib.request.Request(ROOT + path, data=data, headers=h, method=method)
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
+        with urllib.request.urlopen(req, timeout=90) as r:
             status, hdrs, raw = r.status, r.headers, r.read().decode()
     except urllib.error.HTTPError as e:
         status, hdrs, raw = e.code, e.headers, e.read().decode()
@@ -253,13 +289,21 @@ def test_internal_error_is_a_json_500_and_server_keeps_serving(server):
     assert chat("long")[0] == 200
 
 
+def test_latent_route_samples_at_temperature_above_zero(server):
+    def answers(**sampling):
+        return [chat("latent", max_tokens=12, **sampling)[2]["choices"][0]["message"]["content"] for _ in range(4)]
+
+    assert len(set(answers())) == 1  # greedy by default
+    assert len(set(answers(temperature=1.5, top_p=1.0))) >= 3  # 12 tokens sampled from an untrained model
+
+
 def test_backpressure_returns_json_503_not_a_hang(server):
     gate = threading.Barrier(24)
 
-    def burst(_):
+    def burst(i):  # half latent, so more requests stay in flight than the ingress admits (8)
         gate.wait()
         return call("/v1/chat/completions", {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 64,
-                                             "reasoning_mode": "long"})
+                                             "reasoning_mode": ("long", "latent")[i % 2]})
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(24) as pool:
@@ -267,6 +311,8 @@ def test_backpressure_returns_json_503_not_a_hang(server):
     statuses = [r[0] for r in results]
     assert set(statuses) <= {200, 503} and statuses.count(200) >= 2 and statuses.count(503) >= 1, statuses
     assert all(r[2]["error"]["code"] == "overloaded" for r in results if r[0] == 503)
+    # The ingress's own overflow (max_inflight_requests 8 of 24) gets the same JSON 503, not Serve's plain text.
+    assert any("in flight on this ingress" in r[2]["error"]["message"] for r in results if r[0] == 503), results
     assert time.perf_counter() - t0 < 30
     assert chat("long")[0] == 200
 
@@ -292,44 +338,78 @@ def test_listens_on_loopback_only(server):
         assert s.connect_ex((ip, PORT)) != 0, f"the API answers on {ip}:{PORT}"
 
 
-def test_killed_replica_is_replaced_and_serving_resumes(server):
+def _replicas(deployment: str) -> list[str]:
     import ray
 
-    def replicas():
-        return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                      if a["name"].startswith("SERVE_REPLICA::") and "#LongCoT#" in a["name"])
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith("SERVE_REPLICA::") and f"#{deployment}#" in a["name"])
 
-    before = replicas()
-    assert len(before) == 1
-    log: list[tuple[float, int, object]] = []
+
+def _wait_for_replacement(deployment: str, before: list[str], seconds: float = 90) -> list[str]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and (len(_replicas(deployment)) != 1 or _replicas(deployment) == before):
+        time.sleep(0.5)
+    return _replicas(deployment)
+
+
+def test_broken_model_fails_its_health_check_and_is_replaced(server):
+    before = _replicas("LongCoT")
+    good = chat("long")[2]["choices"][0]["message"]
+    assert call("/debug/break_long", {})[0] == 200
+    after = _wait_for_replacement("LongCoT", before)
+    assert len(after) == 1 and after != before, "the broken LongCoT replica was not replaced"
+    status, _, body = chat("long")
+    assert status == 200 and body["choices"][0]["message"] == good  # fresh weights, the same greedy answer
+
+
+def test_sigkill_of_a_replica_under_load_loses_no_request(server):
+    """4 clients, half streaming, while the LongCoT replica's process is SIGKILLed: every request that had not
+    started streaming is retried and succeeds; a stream already under way ends with an SSE error event."""
+    import os
+    import signal
+
+    import ray
+    from ray.util.state import list_actors
+
+    before = _replicas("LongCoT")
+    log: list[tuple[float, bool, int, object]] = []
     stop = threading.Event()
 
-    def traffic():
+    def traffic(k: int):
         i = 0
         while not stop.is_set():
-            status, _, body = chat("long", stream=bool(i % 2), max_tokens=32)
-            log.append((time.perf_counter(), status, body))
+            stream = bool((i + k) % 2)
+            try:
+                status, _, body = chat("long", stream=stream, max_tokens=32)
+            except OSError as e:  # a dropped connection is a lost request too
+                status, body = 0, repr(e)
+            log.append((time.perf_counter(), stream, status, body))
             i += 1
 
-    thread = threading.Thread(target=traffic, daemon=True)
-    thread.start()
+    threads = [threading.Thread(target=traffic, args=(k,), daemon=True) for k in range(4)]
+    for t in threads:
+        t.start()
     while len(log) < 4:
         time.sleep(0.05)
+    replica = list_actors(address=ray.get_runtime_context().gcs_address,
+                          filters=[("name", "=", before[0]), ("state", "=", "ALIVE")])[0]
+    os.kill(replica.pid, signal.SIGKILL)
     killed_at = time.perf_counter()
-    ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
-    deadline = killed_at + 90
-    while time.perf_counter() < deadline:
-        after = [s for t, s, _ in log if t > killed_at]
-        if replicas() not in ([], before) and after[-3:] == [200] * 3 and len(after) >= 5:
-            break
-        time.sleep(0.2)
+    after = _wait_for_replacement("LongCoT", before)
+    deadline = time.perf_counter() + 60
+    while time.perf_counter() < deadline and sum(t > killed_at for t, *_ in log) < len(threads) * 3:
+        time.sleep(0.2)  # let the replacement serve a few rounds
     stop.set()
-    thread.join(60)
-    after = [(s, b) for t, s, b in log if t > killed_at]
-    assert replicas() not in ([], before), "no new LongCoT replica"
-    assert [s for s, _ in after[-3:]] == [200] * 3, [s for s, _ in after]
-    for status, body in after:  # failures during the switch are clean JSON errors, never hangs or HTML
-        if status != 200:
-            assert status in (500, 503, 504) and "error" in body, (status, body)
-        elif isinstance(body, str):  # a stream cut by the kill ends with an error event and [DONE]
+    for t in threads:
+        t.join(60)
+    assert after != before and len(after) == 1, "no new LongCoT replica"
+    finished_after = [(stream, status, body) for t, stream, status, body in log if t > killed_at]
+    assert len(finished_after) >= len(threads) * 3
+    for stream, status, body in finished_after:
+        assert status == 200, (status, body)  # nothing lost: the requests in flight were retried
+        if stream:
+            events = [json.loads(e[6:]) for e in body.split("\n\n") if e and e != "data: [DONE]"]
             assert body.rstrip().endswith("data: [DONE]")
+            failed = [i for i, e in enumerate(events) if "error" in e]
+            if failed:  # only a stream already under way may fail: its error event follows a token
+                assert any(e["choices"][0]["delta"].get("reasoning_content") for e in events[:failed[0]]), events

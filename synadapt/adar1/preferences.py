@@ -24,6 +24,7 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
+from synadapt.config import RetryConfig
 from synadapt.data.grading import grade
 from synadapt.data.source import DataSource
 from synadapt.data.task import TaskConfig
@@ -69,6 +70,8 @@ class PreferenceConfig:
     """Ray CPUs per sampling actor."""
     num_gpus: float = 0.0
     """GPUs per sampling actor (0 on a CPU-only machine)."""
+    retries: RetryConfig = field(default_factory=RetryConfig)
+    """Bounded actor restarts / batch retries, and whether a resume redoes rows that failed with an error."""
     threads: int = 1
     """torch threads per actor."""
 

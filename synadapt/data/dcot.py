@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from synadapt.config import RetryConfig
 from synadapt.data.grading import grade
 from synadapt.data.source import DataSource
 from synadapt.data.task import TaskConfig
-from synadapt.models.lm import GenerationConfig, PromptFormat, build_prompt, generate
+from synadapt.models.lm import Generation, GenerationConfig, PromptFormat, build_prompt, generate
 
 COLUMNS = ("id", "question", "answer", "difficulty", "dcot", "response", "correct", "generated_tokens")
 
@@ -40,6 +41,8 @@ class CollectDcotConfig:
     """CPUs reserved per actor."""
     num_gpus: float = 0.0
     """GPUs per actor (1 for a 7B model in bf16); 0 on a CPU machine, where any request for a GPU waits forever."""
+    retries: RetryConfig = field(default_factory=RetryConfig)
+    """Bounded actor restarts / batch retries, and whether a resume redoes rows that failed with an error."""
     threads: int = 1
     """torch threads per actor; keep concurrency × threads within the CPU cores."""
 
@@ -52,11 +55,13 @@ def collect_batch(model, tok, problems: list[dict], gen: GenerationConfig = Gene
     kept whole as ``dcot`` and graded wrong, so a caller can filter on ``correct``.
     """
     prompts = [build_prompt(tok, p["question"], "long", fmt) for p in problems]
-    records = []
-    for p, g in zip(problems, generate(model, tok, prompts, gen)):
-        closed = fmt.think_end in g.text
-        correct = grade(g.text, p["answer"], fmt.think_end)[0] if closed else False
-        records.append({"id": p["id"], "question": p["question"], "answer": p["answer"],
-                        "difficulty": p.get("difficulty"), "dcot": g.text.split(fmt.think_end, 1)[0],
-                        "response": g.text, "correct": bool(correct), "generated_tokens": g.generated_tokens})
-    return records
+    return [dcot_record(p, g, fmt) for p, g in zip(problems, generate(model, tok, prompts, gen))]
+
+
+def dcot_record(p: dict, g: Generation, fmt: PromptFormat) -> dict:
+    """The graded DCoT record (:data:`COLUMNS`) of problem ``p`` from its long-CoT generation ``g`` (either backend)."""
+    closed = fmt.think_end in g.text
+    correct = grade(g.text, p["answer"], fmt.think_end)[0] if closed else False
+    return {"id": p["id"], "question": p["question"], "answer": p["answer"], "difficulty": p.get("difficulty"),
+            "dcot": g.text.split(fmt.think_end, 1)[0], "response": g.text, "correct": bool(correct),
+            "generated_tokens": g.generated_tokens}

@@ -20,13 +20,13 @@ def evaluate_generation(model, tok, problems: list[dict], mode: str, gen: Genera
 
 
 def evaluate_adaptive(reasoner, problems: list[dict], mode: str = "auto", tau: float = 0.5,
-                      gen: GenerationConfig = GenerationConfig(), zero_latents: bool = False,
+                      gen: GenerationConfig = GenerationConfig(), latents: str = "refined",
                       easy_route: str = "latent") -> list[dict]:
     """Run an :class:`~synadapt.latent.reasoner.AdaptiveReasoner` on every problem and grade it.
 
     Records carry the evaluate_generation fields plus ``route`` and ``score``; ``seconds`` sums every stage.
     """
-    results = reasoner.answer([p["question"] for p in problems], mode, tau, gen, zero_latents, easy_route)
+    results = reasoner.answer([p["question"] for p in problems], mode, tau, gen, latents, easy_route)
     records = []
     for p, r in zip(problems, results):
         correct, pred = grade(r["text"] or "", p["answer"], reasoner.fmt.think_end)

@@ -34,12 +34,14 @@ class AdaptiveReasoner:
         self.end_id = tok.convert_tokens_to_ids(fmt.think_end)
 
     @classmethod
-    def load(cls, run_dir: str | Path, device: str | None = None, long_model: str | None = None) -> "AdaptiveReasoner":
-        """Load a run directory; ``long_model`` (e.g. an AdaR1 model dir) re-thinks hard questions instead of the base."""
+    def load(cls, run_dir: str | Path, device: str | None = None, long_model: str | None = None,
+             refiner: str = "refiner") -> AdaptiveReasoner:
+        """Load a run directory; ``long_model`` (e.g. an AdaR1 model dir) re-thinks hard questions instead of the base;
+        ``refiner`` names the refiner's folder in the run (``refiner_pause`` for the trained-pause control)."""
         run = Path(run_dir)
         meta = json.loads((run / "reasoner.json").read_text())
         model, tok = load_model(meta["base_model"], device=device)
-        refiner = Refiner.load(model, run / "refiner").eval()
+        refiner = Refiner.load(model, run / refiner).eval()
         # A run without a classifier yet (stage 3 labels its questions with the refiner alone) scores nothing.
         classifier = DifficultyClassifier.load(run / "classifier").to(model.device) \
             if (run / "classifier" / "classifier.json").exists() else None
@@ -73,11 +75,12 @@ class AdaptiveReasoner:
                 for q in questions]
 
     @torch.no_grad()
-    def think(self, questions: list[str], zero_latents: bool = False) -> dict:
-        """Latents and difficulty scores for a batch: ``{prompt_ids, z, scores, refine_positions, seconds}``."""
+    def think(self, questions: list[str], latents: str = "refined") -> dict:
+        """Latents and difficulty scores for a batch: ``{prompt_ids, z, scores, refine_positions, seconds}``;
+        ``latents`` ``zeroed``/``shuffled`` are the controls of :meth:`Refiner.refine`."""
         t0 = time.perf_counter()
         prompts = self.prompt_ids(questions)
-        z, feats, cost = self.refiner.refine(prompts, zero=zero_latents)
+        z, feats, cost = self.refiner.refine(prompts, latents)
         t1 = time.perf_counter()
         scores = self.classifier.score(feats.to(self.model.device)).cpu() if self.classifier else None
         t2 = time.perf_counter()
@@ -87,7 +90,7 @@ class AdaptiveReasoner:
 
     @torch.no_grad()
     def answer_nll(self, prompts: list[list[int]], z: torch.Tensor, answers: list[dict]) -> torch.Tensor:
-        """Mean negative log-likelihood of each latent answer under the frozen base (the perplexity baseline)."""
+        """Mean negative log-likelihood of each latent answer under the reader (the perplexity baseline)."""
         tails = [[self.end_id] + self.tok.encode(a["text"], add_special_tokens=False) + [self.tok.eos_token_id]
                  for a in answers]
         logits, labels = self.refiner.answer_logits(prompts, z, tails)
@@ -96,14 +99,17 @@ class AdaptiveReasoner:
         return answer_loss(logits, labels, per_row=True).cpu()
 
     @torch.no_grad()
-    def answer_from_latents(self, prompts: list[list[int]], z: torch.Tensor, max_new_tokens: int = 16) -> list[dict]:
-        """Greedy answers read by the frozen base after ``[prompt; Z; </think>]``."""
+    def answer_from_latents(self, prompts: list[list[int]], z: torch.Tensor, max_new_tokens: int = 16,
+                            temperature: float = 0.0, top_p: float = 1.0) -> list[dict]:
+        """Answers read by the refiner's reader (frozen base or adapted model) after ``[prompt; Z; </think>]``:
+        greedy at ``temperature`` 0, else sampled with ``temperature`` and ``top_p``."""
         t0 = time.perf_counter()
         s = splice(self.refiner.embed, prompts, z, [[self.end_id]] * len(prompts), self.tok.pad_token_id)
-        with self.refiner.frozen_base() as base:
+        with self.refiner.reader() as base:
             new = base.generate(inputs_embeds=s.inputs_embeds, attention_mask=s.attention_mask,
-                                max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                                top_k=None, pad_token_id=self.tok.pad_token_id)
+                                max_new_tokens=max_new_tokens, pad_token_id=self.tok.pad_token_id,
+                                **({"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0
+                                   else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}))
         seconds = (time.perf_counter() - t0) / len(prompts)
         out = []
         for i, row in enumerate(new):
@@ -128,37 +134,39 @@ class AdaptiveReasoner:
                             "forward_positions": th["refine_positions"][i], "seconds": dict(th["seconds"])})
         return results
 
-    def _answer_easy_from_latents(self, th: dict, results: list[dict], max_new_tokens: int) -> None:
+    def _answer_easy_from_latents(self, th: dict, results: list[dict], max_new_tokens: int, temperature: float = 0.0,
+                                  top_p: float = 1.0) -> None:
         idx = [i for i, r in enumerate(results) if r["route"] == "latent"]
         if not idx:
             return
         for i, a in zip(idx, self.answer_from_latents([th["prompt_ids"][i] for i in idx], th["z"][idx],
-                                                       max_new_tokens)):
+                                                       max_new_tokens, temperature, top_p)):
             r = results[i]
             r.update(text=a["text"], generated_tokens=a["generated_tokens"])
             r["forward_positions"] += a["forward_positions"]
             r["seconds"]["answer"] = a["seconds"]
 
     def latent_route(self, questions: list[str], taus: list[float], modes: list[str], max_new_tokens: int = 16,
-                     zero_latents: bool = False) -> list[dict]:
-        """Score every question; answer from the latents those with mode ``latent`` or (``auto`` and score < τ).
+                     latents: str = "refined", temperature: float = 0.0, top_p: float = 1.0) -> list[dict]:
+        """Score every question; answer from the latents those with mode ``latent`` or (``auto`` and score < τ),
+        decoding with ``temperature``/``top_p`` (greedy at 0).
 
         Questions routed ``long`` come back with ``text=None``; the caller (the serving graph) re-thinks them.
         """
         for mode in modes:
             if mode not in ("auto", "latent"):
                 raise ValueError(f"latent_route takes modes auto|latent, got {mode!r}")
-        th = self.think(questions, zero_latents)
+        th = self.think(questions, latents)
         results = self._route(th, taus, modes)
-        self._answer_easy_from_latents(th, results, max_new_tokens)
+        self._answer_easy_from_latents(th, results, max_new_tokens, temperature, top_p)
         return results
 
     def answer(self, questions: list[str], mode: str = "auto", tau: float = 0.5, gen: GenerationConfig | None = None,
-               zero_latents: bool = False, easy_route: str = "latent") -> list[dict]:
+               latents: str = "refined", easy_route: str = "latent") -> list[dict]:
         """The whole adaptive pipeline for a batch, both routes batched.
 
         ``easy_route="nothink"`` answers easy questions with an empty think block instead of the latents (the
-        ``nothink+classifier`` control: same router, no latent content).
+        ``nothink+classifier`` control: same router, no latent content); ``latents`` picks a latent control.
         """
         if mode not in ROUTES:
             raise ValueError(f"unknown reasoning mode {mode!r}; expected one of {ROUTES}")
@@ -169,7 +177,7 @@ class AdaptiveReasoner:
             results = [{"score": None, "route": "long", "text": None, "latent_steps": 0, "generated_tokens": 0,
                         "forward_positions": 0, "seconds": {}} for _ in questions]
         else:
-            th = self.think(questions, zero_latents)
+            th = self.think(questions, latents)
             results = self._route(th, [tau] * len(questions), [mode] * len(questions))
             if easy_route == "latent":
                 self._answer_easy_from_latents(th, results, gen.max_new_tokens)

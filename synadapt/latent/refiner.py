@@ -7,12 +7,18 @@ projection ``P`` (LayerNorm → Linear → GELU → Linear) from last-layer hidd
   adapted model once over ``[prompt; Z^(k-1)]`` and sets ``Z^(k) = P(h_last[latent positions])``. Passes act like
   Jacobi iterations over a sequential chain, so ``n`` should be at least the chain length. The prompt's keys and
   values are computed once and reused by every pass (exactly the same result, a fraction of the cost).
+  With ``slot_source: previous`` slot ``j`` is ``P`` of the hidden state one position earlier (slot ``j-1``, or
+  the think marker for slot 0): a causal LM's state at position i predicts the token at i+1.
 - ``sequential`` mode (Coconut-style): latent ``j`` is ``P`` of the hidden state at the previous position, one
   position at a time with the KV cache (prompt + m positions, against prompt + n·m in parallel mode).
+- ``pause``: every latent is one learned vector (the trained-pause control: same training, no content).
 
-The answer is always read by the frozen base model (adapter disabled), so one set of base weights serves both roles.
-Losses: ``L'_ans`` (answer CE through the frozen base) + ``λ_align·MSE(Z, Z_syn)`` + ``λ_step·MSE(Z_j, E[t_j])``
-where ``t_j`` are optional per-latent target tokens (intermediate results; our extension for dense supervision).
+``P``'s output can be rescaled to the token-embedding norm (``latent_norm``), where a reader reads its inputs.
+The answer is read by ``reader``: the frozen base (adapter disabled) or the adapted model.
+Losses (each returned by :meth:`Refiner.loss` under its own name, the total under ``loss``): ``ans`` (answer CE
+through the reader) + ``λ_ce·ce`` (each slot decoded through the tied LM head, CE against its target token
+``t_j``; under ``ce_schedule: jacobi`` every pass from the one where slot j's chain step can be known) +
+``λ_step·step`` (per-element MSE of the final Z_j to E[t_j]) + ``λ_align·align`` (per-element MSE to Z_syn).
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from transformers import DynamicCache
 
 from synadapt.latent.sequence import answer_loss, pad_left, splice
 
+LATENT_CONTROLS = ("refined", "zeroed", "shuffled")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -50,10 +57,32 @@ class RefinerConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    slot_source: str = "same"
+    """Parallel mode: slot j is projected from the hidden state at slot j (``same``, the paper) or at the position
+    before it (``previous``: what a causal LM's state there predicts is the token at slot j)."""
+    latent_norm: bool = False
+    """Rescale every projected latent to the mean norm of the token-embedding table (the reader's input scale)."""
+    reader: str = "base"
+    """Who reads the answer after the latents: ``base`` (adapter off, the paper) or ``adapted`` (adapter on). The
+    re-think route always uses the original weights."""
+    pause: bool = False
+    """Trained-pause control: every latent is one learned vector (no refinement passes)."""
+    targets: str = "values"
+    """Per-slot target text (synadapt.latent.examples.TARGET_FORMATS): ``values``, ``var_values`` or ``long_cot``;
+    right-aligned in the m slots, so m must be at least its longest token count."""
+    target_pad: str = ","
+    """Token that fills the slots before a short target."""
     lambda_align: float = 1.0
-    """Weight of MSE(Z^(n), Z_syn)."""
+    """Weight of the per-element MSE(Z^(n), Z_syn)."""
     lambda_step: float = 0.0
-    """Weight of the per-latent target loss (0 = the paper's recipe)."""
+    """Weight of the per-element MSE(Z^(n)_j, E[t_j]) to the per-slot target embeddings (0 = the paper's recipe)."""
+    lambda_ce: float = 0.0
+    """Weight of the per-slot cross-entropy of lm_head(Z_j) against t_j."""
+    ce_temperature: float = 0.1
+    """lm_head(Z_j) is divided by this: at embedding norm the raw logits are too flat for a confident CE."""
+    ce_schedule: str = "jacobi"
+    """``jacobi``: slot j is scored at every pass from pass (its chain step + 1) on (pass k can have moved a result
+    k steps along the chain; the last pass scores every slot); ``final``: the last pass only."""
     lr: float = 2e-4
     batch_size: int = 32
     train_seconds: float = 300.0
@@ -61,11 +90,12 @@ class RefinerConfig:
 
 
 class Projection(nn.Module):
-    """LayerNorm → Linear → GELU → Linear, hidden space → input-embedding space."""
+    """LayerNorm → Linear → GELU → Linear, hidden space → input-embedding space (+ the pause vector, if any)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, pause: bool = False):
         super().__init__()
         self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.pause = nn.Parameter(torch.zeros(dim)) if pause else None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.net(h)
@@ -91,10 +121,18 @@ class Refiner(nn.Module):
                 adapted = copy.deepcopy(base_model).requires_grad_(True)
             else:
                 raise ValueError(f"unknown refiner adapter {cfg.adapter!r}; expected lora or full")
+        for name, allowed in (("mode", ("parallel", "sequential")), ("slot_source", ("same", "previous")),
+                              ("reader", ("base", "adapted")), ("ce_schedule", ("jacobi", "final"))):
+            if getattr(cfg, name) not in allowed:
+                raise ValueError(f"unknown refiner {name} {getattr(cfg, name)!r}; expected one of {allowed}")
         self.adapted = adapted
         self.base = base_model
         dim = base_model.config.hidden_size
-        self.proj = projection or Projection(dim).to(base_model.device, dtype=torch.float32)
+        self.proj = projection or Projection(dim, cfg.pause).to(base_model.device, dtype=torch.float32)
+        if projection is None and cfg.pause:
+            with torch.no_grad():
+                self.proj.pause.copy_(self.embed.weight[draft_id].float())
+        self.embed_norm = float(self.embed.weight.detach().float().norm(dim=-1).mean())
 
     @property
     def embed(self):
@@ -102,30 +140,48 @@ class Refiner(nn.Module):
 
     @contextlib.contextmanager
     def frozen_base(self):
-        """The model that reads answers: the base weights with any adapter switched off."""
+        """The original weights: the base with any adapter switched off (re-thinking, NoThinking)."""
         if self.cfg.adapter == "lora":
             with self.adapted.disable_adapter():
                 yield self.adapted
         else:
             yield self.base
 
-    def _project(self, h: torch.Tensor) -> torch.Tensor:
-        return self.proj(h.float()).to(self.embed.weight.dtype)
+    def reader(self):
+        """Context giving the model that reads answers after the latents (``cfg.reader``)."""
+        return contextlib.nullcontext(self.adapted) if self.cfg.reader == "adapted" else self.frozen_base()
 
-    def refine(self, prompts: list[list[int]], zero: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _project(self, h: torch.Tensor) -> torch.Tensor:
+        z = self.proj(h.float())
+        if self.cfg.latent_norm:
+            z = z * (self.embed_norm / z.norm(dim=-1, keepdim=True).clamp(min=1e-6))
+        return z.to(self.embed.weight.dtype)
+
+    def refine(self, prompts: list[list[int]], control: str = "refined") -> tuple[torch.Tensor, torch.Tensor, int]:
         """Latents for ``prompts`` (each ending with the think marker).
 
         Returns ``(Z, features, forward_positions_per_question)``; ``features`` (B, 2D) are the last-layer hidden
         states of the final pass mean-pooled over question tokens and over latent positions (the classifier's input).
-        ``zero`` replaces the latents by zeros (the control that shows whether they carry content).
+        ``control`` (LATENT_CONTROLS): ``zeroed`` replaces the latents by zeros, ``shuffled`` gives each question the
+        latents of the next question of the batch (the controls that show whether the latents carry content).
         """
+        if control not in LATENT_CONTROLS:
+            raise ValueError(f"unknown latent control {control!r}; expected one of {LATENT_CONTROLS}")
+        passes, feats, cost = self.refine_passes(prompts)
+        z = passes[-1]
+        if control == "zeroed":
+            z = torch.zeros_like(z)
+        elif control == "shuffled":
+            z = z.roll(1, dims=0)
+        return z, feats, cost
+
+    def refine_passes(self, prompts: list[list[int]]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Like :meth:`refine`, with the latents after every parallel pass (one entry otherwise)."""
+        if self.cfg.pause:
+            return self._pause(prompts)
         if self.cfg.mode == "parallel":
-            z, feats, cost = self._refine_parallel(prompts)
-        elif self.cfg.mode == "sequential":
-            z, feats, cost = self._refine_sequential(prompts)
-        else:
-            raise ValueError(f"unknown refiner mode {self.cfg.mode!r}; expected parallel or sequential")
-        return (torch.zeros_like(z) if zero else z), feats, cost
+            return self._refine_parallel(prompts)
+        return self._refine_sequential(prompts)
 
     def _features(self, h: torch.Tensor, prompt_mask: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         mask = prompt_mask.unsqueeze(-1).to(h.dtype)
@@ -141,6 +197,16 @@ class Refiner(nn.Module):
                            output_hidden_states=True)
         return mask, positions, out.past_key_values, out.hidden_states[-1]
 
+    def _pause(self, prompts):
+        b, m = len(prompts), self.cfg.m
+        mask, positions, cache, h_prompt = self._encode_prompts(prompts)
+        z = self.proj.pause.to(self.embed.weight.dtype).expand(b, m, -1)
+        # One pass over the pause latents only for the classifier's features; it is not part of the method.
+        latent_h = self.adapted(inputs_embeds=z, attention_mask=torch.cat([mask, mask.new_ones((b, m))], dim=1),
+                                position_ids=positions[:, -1:] + 1 + torch.arange(m, device=mask.device),
+                                past_key_values=cache, output_hidden_states=True).hidden_states[-1]
+        return [z], self._features(h_prompt, mask, latent_h), mask.sum(1)
+
     def _refine_parallel(self, prompts):
         # The prompt never attends to the latents (causal), so its keys/values are the same in every pass: encode it
         # once and run each pass over the m latent columns only (P + n·m positions instead of n·(P + m)).
@@ -150,14 +216,17 @@ class Refiner(nn.Module):
         mask = torch.cat([mask, torch.ones((b, m), dtype=mask.dtype, device=mask.device)], dim=1)
         latent_positions = positions[:, -1:] + 1 + torch.arange(m, device=mask.device)
         z = self.embed(torch.tensor([self.draft_id], device=self.base.device)).expand(b, m, -1)
+        passes = []
         for _ in range(self.cfg.n_passes):
             latent_h = self.adapted(inputs_embeds=z, attention_mask=mask, position_ids=latent_positions,
                                     past_key_values=DynamicCache(prompt_kv), use_cache=True,
                                     output_hidden_states=True).hidden_states[-1]
-            z = self._project(latent_h)
+            source = latent_h if self.cfg.slot_source == "same" else torch.cat([h_prompt[:, -1:], latent_h[:, :-1]], 1)
+            z = self._project(source)
+            passes.append(z)
         prompt_mask = mask[:, :-m]
         cost = prompt_mask.sum(1) + self.cfg.n_passes * m
-        return z, self._features(h_prompt, prompt_mask, latent_h), cost
+        return passes, self._features(h_prompt, prompt_mask, latent_h), cost
 
     def _refine_sequential(self, prompts):
         mask, positions, cache, h_prompt = self._encode_prompts(prompts)
@@ -174,37 +243,65 @@ class Refiner(nn.Module):
             hs.append(last)
         cost = mask.sum(1)
         latent_h = torch.cat(hs, dim=1)
-        return torch.cat(zs, dim=1), self._features(h_prompt, mask[:, :prompt_width], latent_h), cost
+        return [torch.cat(zs, dim=1)], self._features(h_prompt, mask[:, :prompt_width], latent_h), cost
 
     def answer_logits(self, prompts: list[list[int]], z: torch.Tensor, tails: list[list[int]]):
-        """Logits of the frozen base over ``[prompt; Z; tail]`` and the matching labels."""
+        """Logits of the reader over ``[prompt; Z; tail]`` and the matching labels."""
         s = splice(self.embed, prompts, z, tails, self.base.config.pad_token_id or 0)
-        with self.frozen_base() as base:
+        with self.reader() as base:
             logits = base(inputs_embeds=s.inputs_embeds, attention_mask=s.attention_mask,
                           position_ids=s.position_ids).logits
         return logits, s.labels
 
-    def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        """Training objective on a batch with ``prompt_ids``, ``tail_ids`` ([</think>] + answer) and optionally
-        ``z_syn`` (B, m, D) and ``target_ids`` (B, m) per-latent target tokens."""
-        z, _, _ = self.refine(batch["prompt_ids"])
-        logits, labels = self.answer_logits(batch["prompt_ids"], z, batch["tail_ids"])
-        l_ans = answer_loss(logits, labels)
-        total, parts = l_ans, {"ans": l_ans.item()}
-        if self.cfg.lambda_align and batch.get("z_syn") is not None:
-            l_align = ((z.float() - batch["z_syn"].to(z.device)) ** 2).sum(-1).mean()
-            total = total + self.cfg.lambda_align * l_align
-            parts["align"] = l_align.item()
-        if self.cfg.lambda_step and batch.get("target_ids") is not None:
-            target = self.embed.weight[batch["target_ids"].to(z.device)].detach().float()
-            l_step = ((z.float() - target) ** 2).sum(-1).mean()
-            total = total + self.cfg.lambda_step * l_step
-            parts["step"] = l_step.item()
-        return total, parts
+    def slot_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """Each latent decoded through the tied LM head, sharpened by ``ce_temperature``: (..., m, vocab)."""
+        return self.base.get_output_embeddings()(z.to(self.embed.weight.dtype)).float() / self.cfg.ce_temperature
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        """The training loss, so a DeepSpeed engine wrapping the refiner can be called on a batch."""
-        return self.loss(batch)[0]
+    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Training objective on a batch with ``prompt_ids``, ``tail_ids`` ([</think>] + answer) and optionally
+        ``z_syn`` (B, m, D), ``target_ids`` and ``target_steps`` (B, m): per-slot target tokens and their chain step.
+
+        Returns every term by name (detached, for logging) and their weighted sum under ``loss`` (with gradient).
+        """
+        passes, _, _ = self.refine_passes(batch["prompt_ids"])
+        z = passes[-1]
+        logits, labels = self.answer_logits(batch["prompt_ids"], z, batch["tail_ids"])
+        total = answer_loss(logits, labels)
+        terms = {"ans": total}
+        targets = batch.get("target_ids")
+        if targets is not None and batch.get("target_truncated") and (self.cfg.lambda_ce or self.cfg.lambda_step):
+            raise ValueError(f"per-slot targets of {batch['target_truncated']} tokens do not fit m = {self.cfg.m} "
+                             f"latents ({self.cfg.targets!r} format): set refiner.m to at least the longest target")
+        if self.cfg.lambda_align and batch.get("z_syn") is not None:
+            terms["align"] = ((z.float() - batch["z_syn"].to(z.device)) ** 2).mean()
+            total = total + self.cfg.lambda_align * terms["align"]
+        if self.cfg.lambda_step and targets is not None:
+            target = self.embed.weight[targets.to(z.device)].detach().float()
+            terms["step"] = ((z.float() - target) ** 2).mean()
+            total = total + self.cfg.lambda_step * terms["step"]
+        if self.cfg.lambda_ce and targets is not None and not self.cfg.pause:
+            targets = targets.to(z.device)
+            steps = batch["target_steps"].to(z.device)
+            ce, weight = 0.0, 0.0
+            for k, zk in enumerate(passes):
+                last = k == len(passes) - 1
+                if self.cfg.ce_schedule == "final" and not last:
+                    continue
+                scored = torch.ones_like(steps, dtype=torch.bool) if last else steps <= k
+                per_slot = torch.nn.functional.cross_entropy(self.slot_logits(zk).transpose(1, 2), targets,
+                                                             reduction="none")
+                ce = ce + (per_slot * scored).sum()
+                weight = weight + scored.sum()
+            terms["ce"] = ce / weight
+            with torch.no_grad():
+                terms["slot_acc"] = (self.slot_logits(z).argmax(-1) == targets).float().mean()
+            total = total + self.cfg.lambda_ce * terms["ce"]
+        return {"loss": total, **{k: v.detach() for k, v in terms.items()}}
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The training terms (see :meth:`loss`), so a DeepSpeed engine wrapping the refiner can be called on a
+        batch; backward on ``["loss"]``."""
+        return self.loss(batch)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in list(self.adapted.parameters()) + list(self.proj.parameters()) if p.requires_grad]
@@ -220,7 +317,7 @@ class Refiner(nn.Module):
                                                      indent=2))
 
     @classmethod
-    def load(cls, base_model, in_dir: str | Path, trainable: bool = False) -> "Refiner":
+    def load(cls, base_model, in_dir: str | Path, trainable: bool = False) -> Refiner:
         """Rebuild a saved refiner on top of ``base_model`` (weights only: safetensors, no pickles);
         ``trainable`` re-enables gradients on the adapter and projection (resuming training)."""
         src = Path(in_dir)
@@ -236,49 +333,104 @@ class Refiner(nn.Module):
             adapted = AutoModelForCausalLM.from_pretrained(src / "model", dtype=base_model.dtype).to(base_model.device)
             adapted.requires_grad_(trainable)
             base_model.requires_grad_(False)
-        proj = Projection(base_model.config.hidden_size)
+        proj = Projection(base_model.config.hidden_size, cfg.pause)
         proj.load_state_dict(load_file(src / "projection.safetensors"))
         proj.requires_grad_(trainable)
         return cls(base_model, cfg, meta["draft_id"], adapted=adapted.eval(), projection=proj.to(base_model.device))
 
 
 def train_refiner(refiner: Refiner, examples: list[dict], cfg: RefinerConfig, start_step: int = 0,
-                  engine=None, on_step=None, log_every: int = 50) -> dict:
-    """Train for ``cfg.train_seconds`` (or ``cfg.max_steps``) on ``examples`` (see :mod:`synadapt.latent.examples`).
+                  start_seconds: float = 0.0, engine=None, optimizer=None, on_checkpoint=None,
+                  checkpoint_every: int = 0, log_every: int = 50) -> dict:
+    """Train on ``examples`` (see :mod:`synadapt.latent.examples`) until ``cfg.max_steps`` steps or
+    ``cfg.train_seconds`` seconds of training; returns the stats below.
 
-    Without ``engine`` a plain AdamW over the trainable parameters is used; with a DeepSpeed engine wrapping the
-    refiner, its backward/step are. ``on_step(step, parts)`` is called after every step (checkpointing hooks).
+    ``engine`` runs each step's forward: None (the refiner itself), a ``DistributedDataParallel`` wrapping it, or
+    a DeepSpeed engine, which also runs backward and the optimizer step (ZeRO, clipping). The first two step
+    ``optimizer`` (default: a new AdamW over the trainable parameters) with gradients clipped to norm 1.
+    ``start_step``/``start_seconds`` continue a resumed run: the budget counts from the run's start and the data
+    order continues where it stopped, so with the optimizer state restored a resume follows the uninterrupted run.
+
+    In a torch.distributed group, rank 0's clock decides when the time is up and every step broadcasts that
+    decision: ranks that stopped on their own clocks would make different numbers of collective calls (Ray Train
+    reports, checkpoints) and wait for each other forever. ``on_checkpoint(stats)`` runs every ``checkpoint_every``
+    steps, on every rank at the same steps.
+
+    Stats: ``steps``; ``seconds`` (of training, earlier attempts included); ``loss`` and ``loss_<name>`` for every
+    term :meth:`Refiner.loss` returns (moving averages); ``optimizer_steps`` (the optimizer's own step count: it
+    continues across a resume only if the optimizer state was restored); in a group, at the end, ``weight_spread``
+    (the largest difference of any trainable weight between ranks: 0 when the ranks share one optimisation).
     """
+    import itertools
     import logging
     import time
+
+    import torch.distributed as dist
 
     from synadapt.latent.examples import batches, collate
 
     log = logging.getLogger(__name__)
+    group = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    deepspeed = engine is not None and hasattr(engine, "backward")
     refiner.train()
     device = refiner.base.device
-    opt = None if engine else torch.optim.AdamW(refiner.trainable_parameters(), lr=cfg.lr)
-    stream = batches(examples, cfg.batch_size, seed=start_step)
+    opt = engine.optimizer if deepspeed else optimizer or torch.optim.AdamW(refiner.trainable_parameters(), lr=cfg.lr)
+    stream = itertools.islice(batches(examples, cfg.batch_size), start_step, None)
     t0, step, ema = time.time(), start_step, {}
-    while step < cfg.max_steps and time.time() - t0 < cfg.train_seconds:
+
+    def seconds() -> float:
+        return start_seconds + time.time() - t0
+
+    def time_is_up() -> bool:
+        up = torch.tensor([float(seconds() >= cfg.train_seconds)], device=device)
+        if group:
+            dist.broadcast(up, src=0)
+        return bool(up.item())
+
+    def stats() -> dict:
+        terms = {("loss" if k == "loss" else f"loss_{k}"): round(v, 4) for k, v in ema.items()}
+        return {"steps": step, "seconds": round(seconds(), 1), **terms, "optimizer_steps": optimizer_steps(opt)}
+
+    while step < cfg.max_steps and not time_is_up():
         batch = collate(next(stream), device)
-        if engine:
-            loss = engine(batch)
+        terms = (refiner if engine is None else engine)(batch)
+        loss = terms["loss"]
+        if deepspeed:
             engine.backward(loss)
             engine.step()
-            parts = {"total": loss.item()}
         else:
-            loss, parts = refiner.loss(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(refiner.trainable_parameters(), 1.0)
             opt.step()
         step += 1
-        ema = {k: v if k not in ema else 0.95 * ema[k] + 0.05 * v for k, v in parts.items()}
-        if on_step:
-            on_step(step, parts)
-        if step % log_every == 0:
+        values = {k: v.detach().item() for k, v in terms.items()}
+        ema = {k: v if k not in ema else 0.95 * ema[k] + 0.05 * v for k, v in values.items()}
+        if on_checkpoint and checkpoint_every and step % checkpoint_every == 0:
+            on_checkpoint(stats())
+        if step % log_every == 0 and (not group or dist.get_rank() == 0):
             log.info("refiner step %d  %s  %.1f steps/s", step, "  ".join(f"{k} {v:.3f}" for k, v in ema.items()),
                      (step - start_step) / (time.time() - t0))
     refiner.eval()
-    return {"steps": step, "seconds": round(time.time() - t0, 1), **{f"loss_{k}": round(v, 4) for k, v in ema.items()}}
+    final = stats()
+    if group:
+        final["weight_spread"] = weight_spread(refiner.trainable_parameters())
+    return final
+
+
+def optimizer_steps(optimizer) -> int:
+    """The step count in a torch optimizer's state (under DeepSpeed's ZeRO optimizer, of the one it wraps)."""
+    while not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return max((int(s["step"]) for s in optimizer.state.values() if "step" in s), default=0)
+
+
+def weight_spread(params: list[nn.Parameter]) -> float:
+    """Across the ranks of the torch.distributed group: the largest difference of any element of ``params``."""
+    import torch.distributed as dist
+
+    flat = torch.cat([p.detach().float().reshape(-1) for p in params])
+    high, low = flat.clone(), flat.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    return float((high - low).max())

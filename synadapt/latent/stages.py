@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from synadapt.config import RetryConfig
 from synadapt.data.grading import answers_match
 from synadapt.data.source import DataSource
 from synadapt.data.task import TaskConfig
@@ -40,6 +41,8 @@ class SynthesizeConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     """GPUs per actor; 0 on a CPU machine."""
+    retries: RetryConfig = field(default_factory=RetryConfig)
+    """Bounded actor restarts / batch retries, and whether a resume redoes rows that failed with an error."""
     threads: int = 2
     seed: int = 0
 
@@ -61,7 +64,8 @@ def synthesize_batch(model, tok, rows: list[dict], cfg: SynthesizeConfig) -> lis
         answer = wrong_answer(r["answer"], rng) if cfg.wrong_targets else None
         response = None if answer else r.get("response")
         ex = make_example({**r, "answer": answer or r["answer"]}, tok, cfg.prompt, cfg.synthesis.m,
-                          response=response, dcot=r.get("dcot"))
+                          response=response, dcot=r.get("dcot"), targets=cfg.synthesis.targets,
+                          target_pad=cfg.synthesis.target_pad)
         examples.append(ex)
     records = synthesize_latents(model, tok, examples, cfg.synthesis, cfg.prompt.think_end)
     for rec, r in zip(records, rows):
@@ -90,8 +94,9 @@ class RefinerJobConfig:
     num_workers: int = 1
     use_gpu: bool = False
     deepspeed_stage: int = 2
-    """ZeRO stage (0 disables DeepSpeed and uses plain DDP)."""
+    """2: DeepSpeed ZeRO-2; 0: no DeepSpeed, plain DDP. Either way the workers train one model together."""
     checkpoint_every: int = 200
+    """Steps between checkpoints (adapter, projection, optimizer state); the run resumes from the latest."""
     max_failures: int = 2
     threads: int = 2
     storage_path: str = ""
@@ -102,19 +107,20 @@ def zsyn_array(record: dict):
     """A Z_syn record's latent as an (m, D) float32 array: Parquet may hand it back flat or nested."""
     import numpy as np
 
-    flat = np.asarray([v for row in record["z"] for v in (row if hasattr(row, "__len__") else [row])], np.float32)
-    return flat.reshape([int(x) for x in record["shape"]])
+    return np.stack([np.asarray(row, np.float32) for row in record["z"]]).reshape([int(x) for x in record["shape"]])
 
 
-def refiner_examples(zsyn_rows: list[dict], problems: list[dict], tok, cfg: RefinerJobConfig) -> list[dict]:
-    """Training examples: every converged Z_syn with its problem's prompt, answer tail and latent targets."""
+def refiner_examples(zsyn_rows, problems: list[dict], tok, cfg: RefinerJobConfig) -> list[dict]:
+    """Training examples: each Z_syn record of ``zsyn_rows`` (the converged ones; any iterable, e.g. a Ray Train
+    worker's dataset shard) whose problem is known, with that problem's prompt, answer tail and per-slot targets."""
     by_id = {p["id"]: p for p in problems}
     examples = []
     for r in zsyn_rows:
-        if not r.get("converged") or r["id"] not in by_id:
+        if r["id"] not in by_id:
             continue
-        ex = make_example(by_id[r["id"]], tok, cfg.prompt, cfg.refiner.m)
-        ex["z_syn"] = zsyn_array(r).tolist()
+        ex = make_example(by_id[r["id"]], tok, cfg.prompt, cfg.refiner.m, targets=cfg.refiner.targets,
+                          target_pad=cfg.refiner.target_pad)
+        ex["z_syn"] = zsyn_array(r)
         examples.append(ex)
     return examples
 

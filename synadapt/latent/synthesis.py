@@ -5,7 +5,8 @@ independently), minimise ``L_ans + λ·L_dcot``:
 
 - ``L_ans``: cross-entropy of the answer after ``[prompt; Z; </think>]``;
 - ``L_dcot``: at the ``</think>`` position, SmoothL1 between every layer's hidden state reached through ``Z`` and
-  the one reached through the model's own discrete chain of thought, divided by the teacher's per-layer std.
+  the one reached through the model's own discrete chain of thought, divided by the teacher's per-layer std;
+- optionally ``λ_target·MSE(Z, E[targets])``: Z stays near the readable per-slot targets it starts from.
 
 A question converges when greedy decoding from its ``Z`` gives the gold answer (checked after ``min_steps``, so
 ``L_dcot`` has time to settle: its final value is the signal that separates a right answer from a forced wrong one).
@@ -38,8 +39,16 @@ class SynthesisConfig:
     """Keep optimising at least this long before a correct answer counts as converged."""
     init: str = "dcot"
     """``dcot``: m mean-pooled chunks of the DCoT's input embeddings; ``random``: N(0, std of the embedding table);
-    ``targets``: the embeddings of the question's per-latent targets (its intermediate results, when the data has
-    them), so every Z_syn starts as a readable step-by-step thought and stays structured."""
+    ``targets``: the embeddings of the question's per-slot targets (``targets`` below), so every Z_syn starts as
+    a thought the reader reads (checked in tests: fed exactly, they answer near long-CoT accuracy)."""
+    targets: str = "values"
+    """Per-slot target text (synadapt.latent.examples.TARGET_FORMATS), right-aligned in the m slots: the same
+    readable targets the refiner is trained towards."""
+    target_pad: str = ","
+    """Token that fills the slots before a short target."""
+    lambda_target: float = 0.0
+    """Weight of the per-element MSE between Z and the target embeddings: keeps Z_syn aligned with the readable
+    targets (without it Z_syn drifts ~0.9 per slot into a question-specific answer-forcing code)."""
     norm_scale: float = 1.5
     """Clip every latent row to this multiple of the embedding table's mean row norm."""
     batch_size: int = 64
@@ -90,13 +99,21 @@ def synthesize_latents(model, tok, batch: list[dict], cfg: SynthesisConfig, thin
     table = embed.weight.detach().float()
     max_norm = cfg.norm_scale * table.norm(dim=-1).mean()
     with torch.no_grad():
+        target_z = None
+        if cfg.init == "targets" or cfg.lambda_target:
+            if any(b.get("target_ids") is None for b in batch):
+                raise ValueError(f"synthesis init {cfg.init!r} / lambda_target needs per-slot targets "
+                                 "(latent_targets or short_cot in the data)")
+            if any(b.get("target_truncated") for b in batch):
+                longest = max(b["target_truncated"] for b in batch)
+                raise ValueError(f"per-slot targets of {longest} tokens do not fit m = {cfg.m} latents "
+                                 f"({cfg.targets!r} format): set synthesis.m to at least the longest target")
+            target_z = embed(torch.tensor([b["target_ids"] for b in batch], device=model.device)).float()
         if cfg.init == "dcot":
             z0 = torch.stack([chunk_mean_embeddings(embed(torch.tensor(b["dcot_ids"] or [end_id], device=model.device))
                                                     .float(), cfg.m) for b in batch])
         elif cfg.init == "targets":
-            if any(b.get("target_ids") is None for b in batch):
-                raise ValueError("synthesis init 'targets' needs per-latent targets (latent_targets or short_cot)")
-            z0 = embed(torch.tensor([b["target_ids"] for b in batch], device=model.device)).float()
+            z0 = target_z.clone()
         elif cfg.init == "random":
             z0 = torch.randn(len(batch), cfg.m, table.shape[1], device=model.device) * table.std()
         else:
@@ -115,9 +132,12 @@ def synthesize_latents(model, tok, batch: list[dict], cfg: SynthesisConfig, thin
         student = torch.stack([h[:, s.tail_start] for h in out.hidden_states[1:]]).float()
         l_ans = answer_loss(out.logits, s.labels, per_row=True)
         l_dcot = dcot_loss(student, teacher, per_row=True)
+        objective = l_ans + cfg.lambda_dcot * l_dcot
+        if cfg.lambda_target:
+            objective = objective + cfg.lambda_target * ((z - target_z) ** 2).mean((1, 2))
         active = (~done).to(l_ans.device).float()
         # Summed over questions: each question's Z only sees its own loss, whatever the batch size.
-        ((l_ans + cfg.lambda_dcot * l_dcot) * active).sum().backward()
+        (objective * active).sum().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():

@@ -34,6 +34,9 @@ class GenerationConfig:
     top_p: float = 1.0
     batch_size: int = 128
     stop: list[str] = field(default_factory=list)
+    backend: str = "hf"
+    """hf: transformers ``generate`` in each actor; vllm: a vLLM engine through Ray Data LLM (the extra of
+    ``synadapt.models.vllm_engine``), for the batch stages that support it (collect_dcot)."""
 
 
 @dataclass
@@ -101,11 +104,18 @@ def count_generated(row: torch.Tensor, eos_ids: set[int], pad_id: int) -> int:
 
 
 @torch.no_grad()
-def generate(model, tok, prompts: list[str], cfg: GenerationConfig = GenerationConfig()) -> list[Generation]:
-    """Batched generation with left padding; returns one :class:`Generation` per prompt, in order."""
+def generate(model, tok, prompts: list[str], cfg: GenerationConfig = GenerationConfig(),
+             **generate_kwargs) -> list[Generation]:
+    """Batched generation with left padding; returns one :class:`Generation` per prompt, in order.
+
+    ``generate_kwargs`` go to every ``model.generate`` call (the serving graph passes a streamer and stopping
+    criteria)."""
+    if cfg.backend != "hf":
+        raise ValueError(f"generate() is the hf backend, got backend={cfg.backend!r}: the vllm backend runs as a Ray "
+                         "Data LLM processor (jobs/vllm_generate.py), which only collect_dcot uses so far")
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else {tok.eos_token_id}
-    kwargs = dict(max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id)
+    kwargs = dict(max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id, **generate_kwargs)
     if cfg.temperature > 0:
         kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p)
     else:
