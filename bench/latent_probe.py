@@ -28,7 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from synadapt.config import load_config
+from synadapt.config import describe, load_config
 from synadapt.data.task import TaskConfig, make_splits
 from synadapt.latent.examples import make_example
 from synadapt.latent.refiner import LATENT_CONTROLS, Refiner, RefinerConfig, train_refiner
@@ -133,6 +133,10 @@ def table(rows: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print(f"usage: python bench/latent_probe.py [--dotted.key VALUE ...]\n\n{ProbeConfig.__doc__}\n")
+        print("\n".join(describe(ProbeConfig)))
+        return 0
     cfg = load_config(ProbeConfig, overrides={"refiner": toy_refiner_defaults()})
     cfg = load_config(ProbeConfig, overrides=_merge(asdict(cfg), argv))
     torch.set_num_threads(cfg.threads)
