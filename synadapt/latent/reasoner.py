@@ -19,7 +19,7 @@ import torch
 from synadapt.latent.classifier import DifficultyClassifier
 from synadapt.latent.refiner import Refiner, RefinerConfig
 from synadapt.latent.sequence import splice
-from synadapt.models.lm import GenerationConfig, PromptFormat, build_prompt, generate, load_model
+from synadapt.models.lm import GenerationConfig, PromptFormat, build_prompt, generate, load_model, sampling_kwargs
 
 ROUTES = ("auto", "latent", "long")
 
@@ -108,8 +108,7 @@ class AdaptiveReasoner:
         with self.refiner.reader() as base:
             new = base.generate(inputs_embeds=s.inputs_embeds, attention_mask=s.attention_mask,
                                 max_new_tokens=max_new_tokens, pad_token_id=self.tok.pad_token_id,
-                                **({"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0
-                                   else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}))
+                                **sampling_kwargs(temperature, top_p))
         seconds = (time.perf_counter() - t0) / len(prompts)
         out = []
         for i, row in enumerate(new):

@@ -103,6 +103,14 @@ def count_generated(row: torch.Tensor, eos_ids: set[int], pad_id: int) -> int:
     return int((row != pad_id).sum()) if pad_id not in eos_ids else len(row)
 
 
+def sampling_kwargs(temperature: float, top_p: float) -> dict:
+    """``model.generate`` arguments for sampling at ``temperature``/``top_p``, or greedy decoding at 0 (the model's
+    own generation_config sampling defaults are cleared so greedy really is greedy)."""
+    if temperature > 0:
+        return {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+
+
 @torch.no_grad()
 def generate(model, tok, prompts: list[str], cfg: GenerationConfig = GenerationConfig(),
              **generate_kwargs) -> list[Generation]:
@@ -115,11 +123,8 @@ def generate(model, tok, prompts: list[str], cfg: GenerationConfig = GenerationC
                          "Data LLM processor (jobs/vllm_generate.py), which only collect_dcot uses so far")
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else {tok.eos_token_id}
-    kwargs = dict(max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id, **generate_kwargs)
-    if cfg.temperature > 0:
-        kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    kwargs = dict(max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id, **generate_kwargs,
+                  **sampling_kwargs(cfg.temperature, cfg.top_p))
     if cfg.stop:
         kwargs.update(stop_strings=cfg.stop, tokenizer=tok)
     out: list[Generation] = []
