@@ -9,7 +9,7 @@ embedded train split, evaluated on held-out test questions per level. Rows: long
 cached in bench/out/), the per-slot targets fed exactly to the reader (a target the reader cannot read can never be
 reached), ccot (refined latents), ccot_zeroed, ccot_shuffled (each question gets the next question's latents),
 ccot_pause (``--pause true``: the same training with every latent one learned vector) and slot_acc (share of slots
-whose LM-head decoding is the target token). A step budget, not a time budget, so results do not depend on the
+whose LM-head decoding is the target token) and chain_right (share of questions with every slot right). A step budget, not a time budget, so results do not depend on the
 machine's load; steps/s and /proc/loadavg are printed beside them. Writes bench/out/latent_probe_<name>.json and
 appends the table and the command to bench/latent_probe_log.md.
 """
@@ -50,10 +50,14 @@ class ProbeConfig:
     pause: bool = False
     """Also train the trained-pause control (same recipe and steps, latents = one learned vector)."""
     eval_per_level: int = 50
+    train_per_level: int = 400
+    """Training questions per level (the embedded split's size by default; the task is synthetic, so more is free)."""
     threads: int = 1
     """torch threads; on a loaded machine 2 threads oversubscribe the cores and run far slower than 1."""
     seed: int = 0
     model: str = str(ROOT / "checkpoints" / "tiny-reasoner")
+    save: bool = False
+    """Save the trained refiner to bench/out/refiner_<name> (PEFT adapter + projection) for inspection."""
 
 
 def toy_refiner_defaults() -> dict:
@@ -66,17 +70,19 @@ def by_level(correct: torch.Tensor, levels: torch.Tensor) -> dict:
     return row
 
 
-def baselines(model, tok, problems: list[dict]) -> dict:
-    """long CoT and NoThinking per level, decoded once per eval set and cached."""
+def baselines(model, tok, problems: list[dict], model_dir: str) -> dict:
+    """long CoT, NoThinking and the reasoner's own compact chain per level, decoded once per model and eval set."""
     from synadapt.eval.evaluate import evaluate_generation
 
-    key = f"{len(problems)}-{problems[0]['id']}-{problems[-1]['id']}"
+    weights = Path(model_dir) / "model.safetensors"
+    stamp = int(weights.stat().st_mtime) if weights.exists() else 0
+    key = f"{model_dir}@{stamp}-{len(problems)}-{problems[0]['id']}-{problems[-1]['id']}"
     cache = OUT / "latent_probe_baselines.json"
     stored = json.loads(cache.read_text()) if cache.exists() else {}
     if key not in stored:
         levels = torch.tensor([p["difficulty"] for p in problems])
         stored[key] = {}
-        for mode, name in (("long", "long_cot"), ("nothink", "nothink")):
+        for mode, name in (("long", "long_cot"), ("nothink", "nothink"), ("short", "short_cot")):
             recs = evaluate_generation(model, tok, problems, mode, GenerationConfig(max_new_tokens=96), PromptFormat())
             stored[key][name] = by_level(torch.tensor([r["correct"] for r in recs]), levels)
             stored[key][name + "_tokens"] = round(sum(r["generated_tokens"] for r in recs) / len(recs), 1)
@@ -89,7 +95,7 @@ def latent_rows(refiner: Refiner, examples: list[dict], prefix: str = "ccot", ba
     """Accuracy of the reader after each latent control, the target latents fed exactly, and slot accuracy."""
     refiner.eval()
     levels = torch.tensor([e["difficulty"] for e in examples])
-    hits = {c: [] for c in LATENT_CONTROLS + ("targets", "slot_acc")}
+    hits = {c: [] for c in LATENT_CONTROLS + ("targets", "slot_acc", "chain_right")}
     for i in range(0, len(examples), batch):
         chunk = examples[i:i + batch]
         prompts, tails = [e["prompt_ids"] for e in chunk], [e["tail_ids"] for e in chunk]
@@ -98,11 +104,14 @@ def latent_rows(refiner: Refiner, examples: list[dict], prefix: str = "ccot", ba
             z, _, _ = refiner.refine(prompts, control)
             hits[control].append(answer_correct(*refiner.answer_logits(prompts, z, tails)))
             if control == "refined":
-                hits["slot_acc"].append((refiner.slot_logits(z).argmax(-1) == targets).float().mean(1))
+                right = refiner.slot_logits(z).argmax(-1) == targets
+                hits["slot_acc"].append(right.float().mean(1))
+                # Every slot right: the reader then sees exactly the targets, which it reads at targets_exact.
+                hits["chain_right"].append(right.all(1))
         z = refiner.embed(targets)
         hits["targets"].append(answer_correct(*refiner.answer_logits(prompts, z, tails)))
     names = {"refined": prefix, "zeroed": prefix + "_zeroed", "shuffled": prefix + "_shuffled",
-             "targets": "targets_exact", "slot_acc": "slot_acc"}
+             "targets": "targets_exact", "slot_acc": "slot_acc", "chain_right": "chain_right"}
     return {names[k]: by_level(torch.cat(v), levels) for k, v in hits.items()}
 
 
@@ -142,20 +151,23 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(cfg.threads)
     OUT.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(cfg.model)
-    task = TaskConfig()
+    task = TaskConfig(train_per_level=cfg.train_per_level)
     splits = make_splits(task)
     test = [p for lv in LEVELS for p in [q for q in splits["test"] if q["difficulty"] == lv][:cfg.eval_per_level]]
     fmt = PromptFormat()
 
     def ex(problems, rc):
-        return [make_example(p, tok, fmt, rc.m, targets=rc.targets, target_pad=rc.target_pad) for p in problems]
+        return [make_example(p, tok, fmt, rc.m, targets=rc.targets, target_pad=rc.target_pad,
+                             target_prefix=rc.target_prefix, target_align=rc.target_align) for p in problems]
 
-    rows = dict(baselines(model, tok, test))
+    rows = dict(baselines(model, tok, test, cfg.model))
     load0 = Path("/proc/loadavg").read_text().split()[:3]
     print(f"probe {cfg.name}: loadavg {' '.join(load0)}", flush=True)
     train_stats = {}
     refiner, stats = train(model, tok, cfg.refiner, ex(splits["train"], cfg.refiner), cfg.steps, cfg.seed)
     train_stats["ccot"] = stats
+    if cfg.save:
+        refiner.save(OUT / f"refiner_{cfg.name}")
     rows.update(latent_rows(refiner, ex(test, cfg.refiner)))
     if cfg.pause:
         pause_cfg = RefinerConfig(**{**asdict(cfg.refiner), "pause": True})

@@ -45,9 +45,10 @@ def run_synthesize(cfg: SynthesizeConfig) -> dict:
         raise ValueError(f"synthesize: no DCoT records in {cfg.dcot_dir!r}; run jobs.collect_dcot first")
     targets = {}
     if cfg.synthesis.init == "targets":
-        targets = {p["id"]: p.get("latent_targets") or p.get("short_cot") for p in cfg.data.load(cfg.task)}
+        targets = {p["id"]: p for p in cfg.data.load(cfg.task)}
     rows = [{**{k: r[k] for k in ("id", "question", "answer", "difficulty", "dcot", "response")},
-             "latent_targets": targets.get(r["id"])} for r in dcots if r.get("correct") and not r.get("error")]
+             **{k: targets.get(r["id"], {}).get(k) for k in ("latent_targets", "short_cot")}}
+            for r in dcots if r.get("correct") and not r.get("error")]
     if not rows:
         raise ValueError(f"synthesize: none of the {len(dcots)} DCoTs in {cfg.dcot_dir!r} reached the gold answer; "
                          "a model that cannot solve its training questions has nothing to compress")

@@ -4,7 +4,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from synadapt.data.task import TaskConfig, sample_problems
+from synadapt.data.task import TaskConfig, make_splits, sample_problems
 from synadapt.latent.classifier import ClassifierConfig, best_threshold, calibrate_tau, f1_hard, train_classifier
 from synadapt.latent.examples import make_example
 from synadapt.latent.reasoner import AdaptiveReasoner
@@ -230,7 +230,7 @@ def test_train_refiner_reports_every_term_and_a_resume_continues_the_same_optimi
             assert not torch.allclose(weights(resumed), weights(straight), atol=1e-4)
 
 
-def _long_cot_and_target_accuracy(targets: str, m: int, per_level: int = 20):
+def _long_cot_and_target_accuracy(targets: str, m: int, per_level: int = 20, prefix: str = ""):
     """On the shipped reasoner: long-CoT accuracy (greedy decoding) and the accuracy of the frozen reader fed the
     per-slot target latents themselves, on the same held-out questions."""
     from synadapt.data.task import make_splits
@@ -241,8 +241,8 @@ def _long_cot_and_target_accuracy(targets: str, m: int, per_level: int = 20):
     model, tok = load_model("checkpoints/tiny-reasoner")
     test = make_splits(TaskConfig())["test"]
     problems = [p for lv in range(1, 7) for p in [q for q in test if q["difficulty"] == lv][:per_level]]
-    refiner = Refiner(model, RefinerConfig(m=m, targets=targets), tok.convert_tokens_to_ids("."))
-    examples = [make_example(p, tok, PromptFormat(), m, targets=targets) for p in problems]
+    refiner = Refiner(model, RefinerConfig(m=m, targets=targets, target_prefix=prefix), tok.convert_tokens_to_ids("."))
+    examples = [make_example(p, tok, PromptFormat(), m, targets=targets, target_prefix=prefix) for p in problems]
     with torch.no_grad():
         z = refiner.embed(torch.tensor([e["target_ids"] for e in examples]))
         read = answer_correct(*refiner.answer_logits([e["prompt_ids"] for e in examples], z,
@@ -252,15 +252,18 @@ def _long_cot_and_target_accuracy(targets: str, m: int, per_level: int = 20):
 
 
 def test_the_reader_fed_the_target_latents_answers_near_long_cot():
-    """A target the reader cannot read can never be reached by a refiner. The values-with-commas targets,
-    right-aligned in m = 13 slots, are read at >= 0.95 of long-CoT accuracy; the previous design (each step's value
-    digit with no separator, the last repeated to m = 7) is read at chance, so this check can fail."""
+    """A target the reader cannot read can never be reached by a refiner. The shipped targets (the compact chain
+    ``^y=1,n=1,b=6`` right-aligned in m = 24 comma-padded slots) are read at >= 0.95 of long-CoT accuracy; the v1
+    design (each step's value digit with no separator, the last repeated to m = 7) is read at chance, so this check
+    can fail."""
+    from synadapt.latent.examples import latent_targets
     from synadapt.latent.sequence import answer_correct
 
-    long_cot, read, refiner, examples, tok = _long_cot_and_target_accuracy("values", 13)
+    long_cot, read, refiner, examples, tok = _long_cot_and_target_accuracy("var_values", 24, prefix="^")
     assert long_cot >= 0.95 and read >= 0.95 * long_cot, (long_cot, read)
     comma = tok.encode(",", add_special_tokens=False)[0]
-    digits = [[t for t in e["target_ids"] if t != comma] for e in examples]
+    test = {p["id"]: p for p in make_splits(TaskConfig())["test"]}
+    digits = [[t for t in latent_targets(test[e["id"]], tok, 13, "values")["ids"] if t != comma] for e in examples]
     old = [(d + [d[-1]] * 7)[:7] for d in digits]
     with torch.no_grad():
         z = refiner.embed(torch.tensor(old))
@@ -274,11 +277,11 @@ def test_per_slot_targets_are_right_aligned_with_their_chain_steps(tiny_dir):
 
     tok = load_model(tiny_dir)[1]
     p = {"id": "x", "question": "m=4;y=m+7;n=y;b=n-5;?b", "short_cot": "4,1,1,6", "long_cot": "m=4,y=4+7=1,n=1,b=1-5=6"}
-    for fmt, text in (("values", "4,1,1,6"), ("var_values", "m=4,y=1,n=1,b=6"), ("long_cot", p["long_cot"])):
+    for fmt, text, last in (("values", "4,1,1,6", 3), ("var_values", "y=1,n=1,b=6", 2), ("long_cot", p["long_cot"], 3)):
         slots = latent_targets(p, tok, 30, fmt)
         ids = tok.encode(text, add_special_tokens=False)
         assert slots["ids"] == tok.encode(",", add_special_tokens=False) * (30 - len(ids)) + ids
-        assert slots["steps"][-1] == 3 and slots["steps"][:30 - len(ids)] == [0] * (30 - len(ids))
+        assert slots["steps"][-1] == last and slots["steps"][:30 - len(ids)] == [0] * (30 - len(ids))
     assert latent_targets(p, tok, 7)["steps"] == [0, 0, 1, 1, 2, 2, 3]  # a step's comma belongs to it
     short = RefinerConfig(m=6, lambda_ce=1.0)
     refiner = Refiner(load_model(tiny_dir)[0], short, tok.convert_tokens_to_ids("."))
@@ -291,6 +294,11 @@ def test_per_slot_targets_are_right_aligned_with_their_chain_steps(tiny_dir):
                                          "steps": [0, 1, 1, 2, 2, 3], "truncated": 7}
     with pytest.raises(ValueError, match="unknown latent target format"):
         latent_targets(p, tok, 7, "digits")
+    # The shipped task writes names and values; both formats come out of it, and a prefix is spelled first.
+    named = {**p, "short_cot": "y=1,n=1,b=6"}
+    assert latent_targets(named, tok, 7)["ids"] == tok.encode("4,1,1,6", add_special_tokens=False)
+    slots = latent_targets(named, tok, 13, "var_values", prefix="^")
+    assert slots["ids"] == tok.encode(",^y=1,n=1,b=6", add_special_tokens=False) and slots["steps"][1] == 0
 
 
 def _perturbed(refiner):
@@ -396,3 +404,42 @@ def test_reader_choice_latent_controls_and_trained_pause(tiny_dir, tmp_path):
     shutil.rmtree(tmp_path / "run" / "refiner_pause")
     with pytest.raises(ValueError, match="refiner_pause/refiner.json"):
         METHODS["ccot_pause"].settings(EvaluateConfig(reasoner=str(run)), None)
+
+
+def test_teacher_forced_slots_see_only_earlier_targets_and_soft_tokens_mix_embeddings(setup):
+    """Teacher forcing is one causal pass over the target embeddings: slot j depends on targets < j only. Soft-token
+    latents are the LM head's distribution over the embedding table, and their CE is the model's own LM loss."""
+    from synadapt.latent.examples import collate
+
+    model, tok, _, examples = setup
+    torch.manual_seed(0)
+    cfg = RefinerConfig(m=7, mode="sequential", lora_dropout=0.0, lambda_align=0.0, lambda_ce=1.0,
+                        teacher_forcing=1.0, projection="soft_tokens")
+    refiner = _perturbed(Refiner(model, cfg, tok.convert_tokens_to_ids(".")))
+    batch = collate(examples)
+    prompts, targets = batch["prompt_ids"], batch["target_ids"]
+    with torch.no_grad():
+        z = refiner.refine_passes(prompts, targets)[0][-1]
+        logits = refiner._soft_logits[0]
+        changed = targets.clone()
+        changed[:, 3] = (changed[:, 3] + 1) % len(tok)
+        z2 = refiner.refine_passes(prompts, changed)[0][-1]
+    torch.testing.assert_close(z[:, :4], z2[:, :4])  # slots 0..3 read targets 0..2 only
+    assert not torch.allclose(z[:, 4:], z2[:, 4:])
+    torch.testing.assert_close(z, torch.softmax(logits, -1) @ refiner.embed.weight, atol=1e-5, rtol=1e-4)
+    refiner.train()
+    terms = refiner.loss(batch)  # teacher_forcing 1.0: every training step is teacher-forced
+    with torch.no_grad():
+        refiner.refine_passes(prompts, targets)
+        lm = torch.nn.functional.cross_entropy(refiner._soft_logits[0].transpose(1, 2), targets)
+    torch.testing.assert_close(terms["ce"], lm, atol=1e-4, rtol=1e-4)
+    refiner.eval()
+    with torch.no_grad():  # at inference the latents run free: no teacher, one position at a time
+        free = refiner.refine(prompts)[0]
+    assert free.shape == z.shape and not torch.allclose(free, z)
+    hard = Refiner(model, replace(cfg, projection="hard_tokens"), refiner.draft_id, adapted=refiner.adapted)
+    with torch.no_grad():  # hard tokens: every latent is exactly the embedding of the LM head's top token
+        zh = hard.refine_passes(prompts, targets)[0][-1]
+    torch.testing.assert_close(zh, hard.embed.weight[hard._soft_logits[0].argmax(-1)])
+    with pytest.raises(ValueError, match="projection"):
+        Refiner(model, replace(cfg, projection="linear"), refiner.draft_id, adapted=refiner.adapted)

@@ -1,3 +1,5 @@
+import pytest
+
 from synadapt.data.task import TaskConfig, make_problem, make_splits, sample_problems
 import random
 
@@ -35,9 +37,18 @@ def test_records_are_correct_and_difficulty_is_number_of_steps():
         assert int(p["answer"]) == _value_of(p["question"])
         assert p["question"].count(";") == p["difficulty"] + 1
         assert len(p["long_cot"].split(",")) == p["difficulty"] + 1
-        assert p["short_cot"].split(",")[-1] == p["answer"]
+        assert p["short_cot"].split(",")[-1] == p["long_cot"].split(",")[-1].split("=")[0] + "=" + p["answer"]
+        assert [s.split("=")[0] for s in p["short_cot"].split(",")] == \
+            [s.split("=")[0] for s in p["question"].split(";")[1:-1]]  # the names: each step's key
         assert p["long_cot"].endswith("=" + p["answer"])
         assert len(p["short_cot"]) < len(p["long_cot"])
+
+
+def test_values_short_format_is_still_selectable():
+    for p in sample_problems(3, 5, TaskConfig(short_format="values")):
+        assert p["short_cot"].split(",")[-1] == p["answer"] and "=" not in p["short_cot"]
+    with pytest.raises(ValueError, match="short_format"):
+        sample_problems(3, 1, TaskConfig(short_format="names"))
 
 
 def test_level_and_ops_knobs():

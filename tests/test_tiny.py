@@ -3,7 +3,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from synadapt.data.task import TaskConfig, sample_problems
 from synadapt.models.tiny import (TinyReasonerConfig, build_model, build_tokenizer, encode_batch,
-                                  ensure_tiny_reasoner, training_text)
+                                  SHORT_MARKER, ensure_tiny_reasoner, training_text)
 
 
 def test_tokenizer_round_trip_and_chat_template(tiny_dir):
@@ -28,6 +28,10 @@ def test_direct_examples_score_only_the_answer_so_the_model_never_learns_to_skip
     batch = encode_batch(tok, [training_text(p, direct=True), training_text(p, direct=False)])
     direct, long = [[t for t in row.tolist() if t != -100] for row in batch["labels"]]
     assert tok.decode(direct) == p["answer"] + "<|endoftext|>"  # the prefilled <think></think> is not a target
+    # The compact format is asked for by the marker in the (unscored) prompt: a plain <think> stays long CoT.
+    prompt, completion = training_text(p, direct=False, short=True)
+    assert prompt == p["question"] + "<think>" + SHORT_MARKER
+    assert completion == p["short_cot"] + "</think>" + p["answer"] + "<|endoftext|>"
     assert tok.decode(long) == p["long_cot"] + "</think>" + p["answer"] + "<|endoftext|>"
 
 

@@ -5,7 +5,7 @@ one operation to the previous variable or copies it. All values are taken mod ``
 
     question : m=4;y=m+7;n=y;b=n-5;?b
     long_cot : m=4,y=4+7=1,n=1,b=1-5=6
-    short_cot: 4,1,1,6
+    short_cot: y=1,n=1,b=6         (short_format "var_values"; "values" gives 4,1,1,6)
     answer   : 6
 
 One character is one token (the tiny reasoner's tokenizer is a character-level Qwen2 byte-level BPE), so there are
@@ -13,7 +13,9 @@ no spaces: a space would cost a token of its own in front of every digit.
 
 The long chain of thought restates each operand before its result, so every step is one local operation (the
 values-only format fails to train, see shared/TOY_NOTES.md). The short chain keeps only the values: compact, and
-harder to learn, which is exactly the long/short trade-off AdaR1 needs.
+harder to learn, which is exactly the long/short trade-off AdaR1 needs. The short chain keeps the variable names:
+they are the keys by which each step finds its statement in the question (a values-only chain must find "the j-th
+statement" by counting, which a 3-layer model does not learn; bench/latent_probe_log.md).
 
 Copies are what make answering without thinking degrade GRADUALLY. A small model answers a chain with at most one
 real operation directly (find the one operator, apply it to the first digit), but not two composed ones. A level-L
@@ -40,6 +42,9 @@ class TaskConfig:
     modulus: int = 10
     copy_share: float = 0.4
     """Probability that a step copies the previous variable (``y=m``) instead of applying an operation."""
+    short_format: str = "var_values"
+    """The ``short_cot`` written with each problem: ``var_values`` (``y=1,n=1,b=6``: every computed variable with its
+    value; the first, given in the question, is not repeated) or ``values`` (``4,1,1,6``, v1)."""
     seed: int = 0
     train_per_level: int = 400
     val_per_level: int = 50
@@ -48,6 +53,8 @@ class TaskConfig:
 
 def make_problem(rng: random.Random, level: int, cfg: TaskConfig) -> dict:
     """One problem record of the given level, drawn from ``rng``."""
+    if cfg.short_format not in ("var_values", "values"):
+        raise ValueError(f"unknown task short_format {cfg.short_format!r}; expected var_values or values")
     names = rng.sample(string.ascii_lowercase, level + 1)
     value = rng.randrange(cfg.modulus)
     statements = [f"{names[0]}={value}"]
@@ -68,7 +75,8 @@ def make_problem(rng: random.Random, level: int, cfg: TaskConfig) -> dict:
         "question": question,
         "answer": str(value),
         "long_cot": ",".join(steps),
-        "short_cot": ",".join(str(v) for v in values),
+        "short_cot": ",".join(f"{n}={v}" for n, v in zip(names[1:], values[1:])) if cfg.short_format == "var_values"
+        else ",".join(str(v) for v in values),
         "difficulty": level,
     }
 

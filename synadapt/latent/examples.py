@@ -13,8 +13,8 @@ TARGET_FORMATS = ("values", "var_values", "long_cot")
 def target_text(problem: dict, targets: str = "values") -> str | None:
     """The per-slot target text of a problem: what its latents should spell, one slot per token.
 
-    ``values``: the intermediate results with commas (``4,1,1,6``); ``var_values``: each variable with its value
-    (``m=4,y=1,n=1,b=6``, names from the embedded task's question); ``long_cot``: the problem's long CoT. A
+    ``values``: the intermediate results with commas (``4,1,1,6``); ``var_values``: each computed variable with its
+    value (``y=1,n=1,b=6``, the embedded task's short_cot); ``long_cot``: the problem's long CoT. A
     ``latent_targets`` field (a list or a comma-separated string) overrides all three. None when the data has none.
     """
     if targets not in TARGET_FORMATS:
@@ -27,16 +27,22 @@ def target_text(problem: dict, targets: str = "values") -> str | None:
         return ",".join(str(x).strip() for x in given)
     if targets == "long_cot":
         return problem.get("long_cot") or None
-    values = problem.get("short_cot")
-    if not values:
+    short = problem.get("short_cot")
+    if not short:
         return None
+    # The embedded task's short_cot is names and values of the computed variables (y=1,n=1,b=6) or, in v1, every
+    # value (4,1,1,6); either gives both formats (the question supplies the other part).
+    if "=" in short:
+        return short if targets == "var_values" else \
+            ",".join([problem["question"].split(";")[0].split("=")[1]] + [i.split("=")[1] for i in short.split(",")])
     if targets == "values":
-        return values
+        return short
     names = [s.split("=")[0] for s in problem["question"].split(";")[:-1]]
-    return ",".join(f"{n}={v}" for n, v in zip(names, values.split(",")))
+    return ",".join(f"{n}={v}" for n, v in zip(names[1:], short.split(",")[1:]))
 
 
-def latent_targets(problem: dict, tok, m: int, targets: str = "values", pad: str = ",") -> dict | None:
+def latent_targets(problem: dict, tok, m: int, targets: str = "values", pad: str = ",",
+                   prefix: str = "", align: str = "right") -> dict | None:
     """Per-slot target tokens (``ids``, m), the chain step each belongs to (``steps``, m) and ``truncated``, or None.
 
     The text is right-aligned so it ends at the last slot, before ``</think>``, and the slots before it are ``pad``:
@@ -48,6 +54,7 @@ def latent_targets(problem: dict, tok, m: int, targets: str = "values", pad: str
     text = target_text(problem, targets)
     if not text:
         return None
+    text = prefix + text  # e.g. the tiny reasoner's short-CoT marker, so the reader knows the format it reads
     ids = tok.encode(text, add_special_tokens=False)
     comma = tok.encode(",", add_special_tokens=False)
     steps, step = [], 0
@@ -55,20 +62,26 @@ def latent_targets(problem: dict, tok, m: int, targets: str = "values", pad: str
         steps.append(step)
         step += [t] == comma
     pad_id = tok.encode(pad, add_special_tokens=False)[0]
+    if align not in ("right", "left"):
+        raise ValueError(f"unknown latent target align {align!r}; expected right or left")
     if len(ids) > m:
         return {"ids": ids[-m:], "steps": steps[-m:], "truncated": len(ids)}
-    return {"ids": [pad_id] * (m - len(ids)) + ids, "steps": [0] * (m - len(ids)) + steps, "truncated": 0}
+    fill = m - len(ids)
+    if align == "left":  # the chain right after the think marker, as the model writes it; pads belong to its end
+        return {"ids": ids + [pad_id] * fill, "steps": steps + [steps[-1]] * fill, "truncated": 0}
+    return {"ids": [pad_id] * fill + ids, "steps": [0] * fill + steps, "truncated": 0}
 
 
 def make_example(problem: dict, tok, fmt: PromptFormat, m: int, response: str | None = None,
-                 dcot: str | None = None, targets: str = "values", target_pad: str = ",") -> dict:
+                 dcot: str | None = None, targets: str = "values", target_pad: str = ",",
+                 target_prefix: str = "", target_align: str = "right") -> dict:
     """Token ids for one question: prompt (ending with the think marker), the DCoT, the answer tail
     (``[</think>] + answer + [eos]``, the model's own answer when ``response`` is given) and the per-slot latent
     targets (``target_ids`` and their chain step ``target_steps``, see :func:`latent_targets`)."""
     prompt = build_prompt(tok, problem["question"], "long", fmt)
     answer_text = response.split(fmt.think_end)[-1] if response and fmt.think_end in response else problem["answer"]
     end_id = tok.convert_tokens_to_ids(fmt.think_end)
-    slots = latent_targets(problem, tok, m, targets, target_pad)
+    slots = latent_targets(problem, tok, m, targets, target_pad, target_prefix, target_align)
     return {
         "id": problem["id"],
         "difficulty": problem.get("difficulty"),

@@ -62,6 +62,16 @@ class RefinerConfig:
     before it (``previous``: what a causal LM's state there predicts is the token at slot j)."""
     latent_norm: bool = False
     """Rescale every projected latent to the mean norm of the token-embedding table (the reader's input scale)."""
+    projection: str = "mlp"
+    """Hidden state → latent: ``mlp`` (P below, the paper) or ``soft_tokens`` (the probability-weighted mean of the
+    token embeddings under the LM head's distribution at ``soft_temperature``, as CoT2 / soft thinking: a latent is
+    a superposition of tokens the reader knows, and the adapted model starts from its own next-token prediction)
+    or ``hard_tokens`` (the embedding of the LM head's top token, with the soft mixture's gradient passed straight
+    through, as Altabaa et al. re-embed the argmax: each latent is then a token embedding)."""
+    soft_temperature: float = 1.0
+    teacher_forcing: float = 0.0
+    """Sequential mode: share of training steps whose latent inputs are the target embeddings (one causal pass, as
+    in LM training) instead of the refiner's own latents; the rest run free, as at inference."""
     reader: str = "base"
     """Who reads the answer after the latents: ``base`` (adapter off, the paper) or ``adapted`` (adapter on). The
     re-think route always uses the original weights."""
@@ -72,6 +82,12 @@ class RefinerConfig:
     right-aligned in the m slots, so m must be at least its longest token count."""
     target_pad: str = ","
     """Token that fills the slots before a short target."""
+    target_prefix: str = ""
+    """Text put before every target (the tiny reasoner's short-CoT marker ``^``: its reader reads the compact
+    chain after it); counted in m."""
+    target_align: str = "right"
+    """``right``: pads before the target, so it ends right before ``</think>``; ``left``: the target right after the
+    think marker (as the model writes its chain) and the pads after it."""
     lambda_align: float = 1.0
     """Weight of the per-element MSE(Z^(n), Z_syn)."""
     lambda_step: float = 0.0
@@ -122,6 +138,7 @@ class Refiner(nn.Module):
             else:
                 raise ValueError(f"unknown refiner adapter {cfg.adapter!r}; expected lora or full")
         for name, allowed in (("mode", ("parallel", "sequential")), ("slot_source", ("same", "previous")),
+                              ("projection", ("mlp", "soft_tokens", "hard_tokens")),
                               ("reader", ("base", "adapted")), ("ce_schedule", ("jacobi", "final"))):
             if getattr(cfg, name) not in allowed:
                 raise ValueError(f"unknown refiner {name} {getattr(cfg, name)!r}; expected one of {allowed}")
@@ -152,6 +169,15 @@ class Refiner(nn.Module):
         return contextlib.nullcontext(self.adapted) if self.cfg.reader == "adapted" else self.frozen_base()
 
     def _project(self, h: torch.Tensor) -> torch.Tensor:
+        if self.cfg.projection in ("soft_tokens", "hard_tokens"):
+            # h is the final-norm hidden state, so the tied head gives the model's own next-token logits; they are
+            # kept (per pass) for the per-slot CE, which is then the ordinary LM loss on the model's own inputs.
+            logits = self.base.get_output_embeddings()(h).float() / self.cfg.soft_temperature
+            self._soft_logits.append(logits)
+            soft = torch.softmax(logits, dim=-1) @ self.embed.weight.float()
+            if self.cfg.projection == "hard_tokens":
+                soft = self.embed.weight[logits.argmax(-1)].float() + soft - soft.detach()
+            return soft.to(self.embed.weight.dtype)
         z = self.proj(h.float())
         if self.cfg.latent_norm:
             z = z * (self.embed_norm / z.norm(dim=-1, keepdim=True).clamp(min=1e-6))
@@ -175,8 +201,13 @@ class Refiner(nn.Module):
             z = z.roll(1, dims=0)
         return z, feats, cost
 
-    def refine_passes(self, prompts: list[list[int]]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Like :meth:`refine`, with the latents after every parallel pass (one entry otherwise)."""
+    def refine_passes(self, prompts: list[list[int]], teacher: torch.Tensor | None = None
+                      ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Like :meth:`refine`, with the latents after every parallel pass (one entry otherwise). ``teacher``
+        (B, m target ids, sequential mode): slot j's input is the embedding of target j-1, not the latent made."""
+        self._soft_logits = []
+        if teacher is not None:
+            return self._teacher_forced(prompts, teacher)
         if self.cfg.pause:
             return self._pause(prompts)
         if self.cfg.mode == "parallel":
@@ -228,6 +259,18 @@ class Refiner(nn.Module):
         cost = prompt_mask.sum(1) + self.cfg.n_passes * m
         return passes, self._features(h_prompt, prompt_mask, latent_h), cost
 
+    def _teacher_forced(self, prompts, teacher):
+        # Slot j is projected from the state one position earlier, whose input is target j-1: one causal pass.
+        b, m = len(prompts), self.cfg.m
+        mask, positions, cache, h_prompt = self._encode_prompts(prompts)
+        inputs = self.embed(teacher.to(mask.device))  # the last target's input feeds no slot: it is the reader's
+        full = torch.cat([mask, mask.new_ones((b, m))], dim=1)
+        latent_h = self.adapted(inputs_embeds=inputs, attention_mask=full,
+                                position_ids=positions[:, -1:] + 1 + torch.arange(m, device=mask.device),
+                                past_key_values=cache, output_hidden_states=True).hidden_states[-1]
+        z = self._project(torch.cat([h_prompt[:, -1:], latent_h[:, :-1]], 1))
+        return [z], self._features(h_prompt, mask, latent_h), full.sum(1)
+
     def _refine_sequential(self, prompts):
         mask, positions, cache, h_prompt = self._encode_prompts(prompts)
         prompt_width = mask.shape[1]
@@ -263,8 +306,17 @@ class Refiner(nn.Module):
 
         Returns every term by name (detached, for logging) and their weighted sum under ``loss`` (with gradient).
         """
-        passes, _, _ = self.refine_passes(batch["prompt_ids"])
+        teacher = None
+        if (self.training and self.cfg.mode == "sequential" and self.cfg.teacher_forcing
+                and batch.get("target_ids") is not None and torch.rand(()) < self.cfg.teacher_forcing):
+            teacher = batch["target_ids"]
+        passes, _, _ = self.refine_passes(batch["prompt_ids"], teacher)
         z = passes[-1]
+        if self._soft_logits:  # soft tokens: each pass's slot logits are the model's own (sequential: one pass)
+            slot_logits = [torch.cat(self._soft_logits[i::len(passes)], 1) if self.cfg.mode == "sequential"
+                           else self._soft_logits[i] for i in range(len(passes))]
+        else:
+            slot_logits = [self.slot_logits(zk) for zk in passes]
         logits, labels = self.answer_logits(batch["prompt_ids"], z, batch["tail_ids"])
         total = answer_loss(logits, labels)
         terms = {"ans": total}
@@ -288,13 +340,13 @@ class Refiner(nn.Module):
                 if self.cfg.ce_schedule == "final" and not last:
                     continue
                 scored = torch.ones_like(steps, dtype=torch.bool) if last else steps <= k
-                per_slot = torch.nn.functional.cross_entropy(self.slot_logits(zk).transpose(1, 2), targets,
+                per_slot = torch.nn.functional.cross_entropy(slot_logits[k].transpose(1, 2), targets,
                                                              reduction="none")
                 ce = ce + (per_slot * scored).sum()
                 weight = weight + scored.sum()
             terms["ce"] = ce / weight
             with torch.no_grad():
-                terms["slot_acc"] = (self.slot_logits(z).argmax(-1) == targets).float().mean()
+                terms["slot_acc"] = (slot_logits[-1].argmax(-1) == targets).float().mean()
             total = total + self.cfg.lambda_ce * terms["ce"]
         return {"loss": total, **{k: v.detach() for k, v in terms.items()}}
 

@@ -65,7 +65,7 @@ def synthesize_batch(model, tok, rows: list[dict], cfg: SynthesizeConfig) -> lis
         response = None if answer else r.get("response")
         ex = make_example({**r, "answer": answer or r["answer"]}, tok, cfg.prompt, cfg.synthesis.m,
                           response=response, dcot=r.get("dcot"), targets=cfg.synthesis.targets,
-                          target_pad=cfg.synthesis.target_pad)
+                          target_pad=cfg.synthesis.target_pad, target_prefix=cfg.synthesis.target_prefix)
         examples.append(ex)
     records = synthesize_latents(model, tok, examples, cfg.synthesis, cfg.prompt.think_end)
     for rec, r in zip(records, rows):
@@ -119,7 +119,8 @@ def refiner_examples(zsyn_rows, problems: list[dict], tok, cfg: RefinerJobConfig
         if r["id"] not in by_id:
             continue
         ex = make_example(by_id[r["id"]], tok, cfg.prompt, cfg.refiner.m, targets=cfg.refiner.targets,
-                          target_pad=cfg.refiner.target_pad)
+                          target_pad=cfg.refiner.target_pad, target_prefix=cfg.refiner.target_prefix,
+                          target_align=cfg.refiner.target_align)
         ex["z_syn"] = zsyn_array(r)
         examples.append(ex)
     return examples

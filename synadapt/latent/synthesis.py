@@ -46,6 +46,8 @@ class SynthesisConfig:
     readable targets the refiner is trained towards."""
     target_pad: str = ","
     """Token that fills the slots before a short target."""
+    target_prefix: str = ""
+    """Text put before every target (as the refiner's ``target_prefix``)."""
     lambda_target: float = 0.0
     """Weight of the per-element MSE between Z and the target embeddings: keeps Z_syn aligned with the readable
     targets (without it Z_syn drifts ~0.9 per slot into a question-specific answer-forcing code)."""

@@ -20,6 +20,9 @@ class PromptFormat:
     think_end: str = "</think>"
     nothink_prefill: str = ""
     """Text between the markers in NoThinking mode (R1 papers use "Okay, I think I have finished thinking.")."""
+    short_prefill: str = "^"
+    """Text after the think marker that asks for the model's compact chain (``short`` mode): the tiny reasoner's
+    SHORT_MARKER. A model trained without one ignores it (the mode is then a long CoT after a stray token)."""
     concise_instruction: str = "Please reason step by step, but be concise."
     """System message for re-thinking a question the router judged hard."""
 
@@ -79,10 +82,11 @@ def build_prompt(tok, question: str, mode: str = "long", fmt: PromptFormat = Pro
     """Render ``question`` with the chat template and open the think block.
 
     ``mode``: ``long`` leaves the think block open for the model to fill; ``nothink`` closes it at once (empty or
-    ``fmt.nothink_prefill`` thought); ``concise`` is ``long`` under the concise-reasoning system message.
+    ``fmt.nothink_prefill`` thought); ``concise`` is ``long`` under the concise-reasoning system message;
+    ``short`` opens the think block with ``fmt.short_prefill`` (the tiny reasoner's compact chain).
     """
-    if mode not in ("long", "nothink", "concise"):
-        raise ValueError(f"unknown prompt mode {mode!r}; expected long, nothink or concise")
+    if mode not in ("long", "nothink", "concise", "short"):
+        raise ValueError(f"unknown prompt mode {mode!r}; expected long, nothink, concise or short")
     if mode == "concise":
         system = system or fmt.concise_instruction
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
@@ -92,6 +96,8 @@ def build_prompt(tok, question: str, mode: str = "long", fmt: PromptFormat = Pro
         prompt += fmt.think_start
     if mode == "nothink":
         prompt += fmt.nothink_prefill + fmt.think_end
+    elif mode == "short":
+        prompt += fmt.short_prefill
     return prompt
 
 

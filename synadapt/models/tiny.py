@@ -23,6 +23,8 @@ from synadapt.data.task import TaskConfig, make_splits, stream_problems
 log = logging.getLogger(__name__)
 
 SPECIALS = ["<|pad|>", "<|endoftext|>", "<think>", "</think>"]
+SHORT_MARKER = "^"
+"""After ``<think>``, asks the tiny reasoner for its compact chain (``short_cot``) instead of the long one."""
 # Byte-level symbols of printable ASCII ("Ġ" is the space): any English text tokenizes, one character per token.
 CHARS = [chr(c) for c in range(33, 127)] + ["Ġ"]
 # System messages (e.g. the "be concise" re-think instruction) are dropped: the toy model never saw any.
@@ -43,15 +45,22 @@ class TinyReasonerConfig:
     intermediate_size: int = 512
     train_seconds: float = 3000.0
     """Wall-clock budget; the cosine schedule follows whichever of time and steps runs out first."""
-    max_steps: int = 6500
-    """Step budget (~21 min on 2 idle cores). Copying is learned by step ~500, the arithmetic and the operator
+    max_steps: int = 8000
+    """Step budget (~25 min on 2 idle cores). Copying is learned by step ~500, the arithmetic and the operator
     lookup of a step only after ~2500; at 4500 steps the operator lookup still failed on 10-20 % of level 3-4
     chains (a '+' read as '-')."""
     batch_size: int = 32
     lr: float = 2e-3
     warmup_steps: int = 50
-    direct_share: float = 0.4
+    direct_share: float = 0.35
     """Share of training examples in NoThinking format (empty think), so NoThinking is a fair baseline."""
+    short_share: float = 0.25
+    """Share of training examples in the compact format: ``<think>~`` (the SHORT_MARKER in the unscored prompt) then
+    the task's ``short_cot``. The model thereby knows a compact chain (the AdaR1 short model's format and the
+    latents' per-slot targets) without ever writing one after a plain ``<think>``."""
+    short_pad_max: int = 24
+    """Half of the compact examples put 1..short_pad_max commas before the marker (unscored), so the model reads a
+    compact chain that is right-aligned in a fixed number of slots, the layout of the latents' targets."""
     anneal_steps: int = 0
     """Optional phase 2 steps: more direct answers at a lower learning rate. Off: 800 steps at share 0.5 raised no
     NoThinking level above chance and cut long-CoT accuracy to 42-75 % (the model learned to stop thinking early)."""
@@ -88,14 +97,17 @@ def build_model(tok, cfg: TinyReasonerConfig) -> Qwen2ForCausalLM:
     return model
 
 
-def training_text(problem: dict, direct: bool) -> tuple[str, str]:
-    """(prompt, completion) in the long-CoT format, or NoThinking format when ``direct``.
+def training_text(problem: dict, direct: bool, short: bool = False, pad: int = 0) -> tuple[str, str]:
+    """(prompt, completion) in the long-CoT format, NoThinking format when ``direct``, compact when ``short``.
 
     A direct example's empty think block is part of the PROMPT (unscored), as NoThinking prefills it: scoring its
     ``</think>`` taught the model to close the think block unprompted on 40 % of starts, and greedy long-CoT decoding
     then skipped thinking on 7-15 % of level 5-6 questions."""
     if direct:
         return problem["question"] + "<think></think>", f"{problem['answer']}<|endoftext|>"
+    if short:
+        return (problem["question"] + "<think>" + "," * pad + SHORT_MARKER,
+                f"{problem['short_cot']}</think>{problem['answer']}<|endoftext|>")
     return problem["question"] + "<think>", f"{problem['long_cot']}</think>{problem['answer']}<|endoftext|>"
 
 
@@ -115,7 +127,7 @@ def encode_batch(tok, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
 
 
 def run_phase(model, tok, stream, rng: random.Random, steps: int, seconds: float, lr: float, direct_share: float,
-              cfg: TinyReasonerConfig, name: str) -> dict:
+              cfg: TinyReasonerConfig, name: str, short_share: float = 0.0) -> dict:
     """One training phase: AdamW, warmup then cosine to 10 % over whichever of ``steps``/``seconds`` binds first."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     start, step, ema, tokens = time.time(), 0, None, 0
@@ -124,8 +136,10 @@ def run_phase(model, tok, stream, rng: random.Random, steps: int, seconds: float
         progress = max((time.time() - start) / seconds, step / steps)
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / cfg.warmup_steps) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
-        batch = encode_batch(tok, [training_text(next(stream), rng.random() < direct_share)
-                                   for _ in range(cfg.batch_size)])
+        draws = [rng.random() for _ in range(cfg.batch_size)]
+        pads = [rng.randint(1, cfg.short_pad_max) if rng.random() < 0.5 else 0 for _ in draws]
+        batch = encode_batch(tok, [training_text(next(stream), u < direct_share, u > 1 - short_share, k)
+                                   for u, k in zip(draws, pads)])
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -168,7 +182,7 @@ def train_tiny_reasoner(out_dir: str | Path, cfg: TinyReasonerConfig, task: Task
     held_out = {p["question"] for p in splits["val"] + splits["test"]}
     stream = stream_problems(cfg.seed + 12345, task, held_out)
     main = run_phase(model, tok, stream, random.Random(cfg.seed), cfg.max_steps, cfg.train_seconds, cfg.lr,
-                     cfg.direct_share, cfg, "main")
+                     cfg.direct_share, cfg, "main", cfg.short_share)
     anneal = anneal_phase(model, tok, cfg, task) if cfg.anneal_steps else {}
     return save_reasoner(model, tok, out_dir, {
         "main": main, "anneal": anneal, "train_seconds": round(main["seconds"] + anneal.get("seconds", 0), 1),
