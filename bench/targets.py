@@ -80,12 +80,6 @@ def measure(run: Path) -> list[dict]:
         acc, tok = dpo["accuracy"] / long["accuracy"], dpo["mean_generated_tokens"] / long["mean_generated_tokens"]
         target("adar1_dpo accuracy >= 98% of long_cot", round(acc, 3), acc >= 0.98)
         target("adar1_dpo generated tokens <= 50% of long_cot", round(tok, 3), tok <= 0.50)
-        share = dpo.get("long_share_by_difficulty")
-        if share:
-            seq = [share[k] for k in sorted(share, key=int)]
-            target("adar1_dpo share of long responses rises with level", round(seq[-1] - seq[0], 2), seq[-1] > seq[0]
-                   and all(a <= b + 0.05 for a, b in zip(seq, seq[1:])),
-                   " ".join(f"L{k} {share[k]:.2f}" for k in sorted(share, key=int)))
     joined = rows.get("synadapt+adar1@0.5")
     if joined and long and s5 and dpo:
         acc = joined["accuracy"] / long["accuracy"]

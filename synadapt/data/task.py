@@ -12,10 +12,10 @@ One character is one token (the tiny reasoner's tokenizer is a character-level Q
 no spaces: a space would cost a token of its own in front of every digit.
 
 The long chain of thought restates each operand before its result, so every step is one local operation (the
-values-only format fails to train, see shared/TOY_NOTES.md). The short chain keeps only the values: compact, and
-harder to learn, which is exactly the long/short trade-off AdaR1 needs. The short chain keeps the variable names:
-they are the keys by which each step finds its statement in the question (a values-only chain must find "the j-th
-statement" by counting, which a 3-layer model does not learn; bench/latent_probe_log.md).
+values-only format fails to train, see shared/TOY_NOTES.md). The short chain drops the restated operands: about
+half the tokens, the long/short trade-off AdaR1 needs. It keeps the variable names: they are the keys by which
+each step finds its statement in the question (a values-only chain must find "the j-th statement" by counting,
+which a 3-layer model does not learn; bench/latent_probe_log.md).
 
 Copies are what make answering without thinking degrade GRADUALLY. A small model answers a chain with at most one
 real operation directly (find the one operator, apply it to the first digit), but not two composed ones. A level-L

@@ -312,9 +312,8 @@ class Refiner(nn.Module):
             teacher = batch["target_ids"]
         passes, _, _ = self.refine_passes(batch["prompt_ids"], teacher)
         z = passes[-1]
-        if self._soft_logits:  # soft tokens: each pass's slot logits are the model's own (sequential: one pass)
-            slot_logits = [torch.cat(self._soft_logits[i::len(passes)], 1) if self.cfg.mode == "sequential"
-                           else self._soft_logits[i] for i in range(len(passes))]
+        if self._soft_logits:  # soft/hard tokens: the slot logits are the model's own (sequential: one per slot)
+            slot_logits = [torch.cat(self._soft_logits, 1)] if len(passes) == 1 else self._soft_logits
         else:
             slot_logits = [self.slot_logits(zk) for zk in passes]
         logits, labels = self.answer_logits(batch["prompt_ids"], z, batch["tail_ids"])

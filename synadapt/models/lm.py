@@ -21,8 +21,8 @@ class PromptFormat:
     nothink_prefill: str = ""
     """Text between the markers in NoThinking mode (R1 papers use "Okay, I think I have finished thinking.")."""
     short_prefill: str = "^"
-    """Text after the think marker that asks for the model's compact chain (``short`` mode): the tiny reasoner's
-    SHORT_MARKER. A model trained without one ignores it (the mode is then a long CoT after a stray token)."""
+    """Text after the think marker that asks for the model's compact chain (``short`` mode); the tiny reasoner is
+    trained with this marker (its SHORT_MARKER). A model trained without one gets a stray token before its long CoT."""
     concise_instruction: str = "Please reason step by step, but be concise."
     """System message for re-thinking a question the router judged hard."""
 

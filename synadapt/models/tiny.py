@@ -19,12 +19,14 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 
 from synadapt.data.task import TaskConfig, make_splits, stream_problems
+from synadapt.models.lm import PromptFormat
 
 log = logging.getLogger(__name__)
 
 SPECIALS = ["<|pad|>", "<|endoftext|>", "<think>", "</think>"]
-SHORT_MARKER = "^"
-"""After ``<think>``, asks the tiny reasoner for its compact chain (``short_cot``) instead of the long one."""
+SHORT_MARKER = PromptFormat.short_prefill
+"""After ``<think>``, asks the tiny reasoner for its compact chain (``short_cot``) instead of the long one: the
+``short`` prompt mode's prefill, so training and prompting share one marker."""
 # Byte-level symbols of printable ASCII ("Ġ" is the space): any English text tokenizes, one character per token.
 CHARS = [chr(c) for c in range(33, 127)] + ["Ġ"]
 # System messages (e.g. the "be concise" re-think instruction) are dropped: the toy model never saw any.
@@ -55,7 +57,7 @@ class TinyReasonerConfig:
     direct_share: float = 0.35
     """Share of training examples in NoThinking format (empty think), so NoThinking is a fair baseline."""
     short_share: float = 0.25
-    """Share of training examples in the compact format: ``<think>~`` (the SHORT_MARKER in the unscored prompt) then
+    """Share of training examples in the compact format: ``<think>^`` (the SHORT_MARKER in the unscored prompt) then
     the task's ``short_cot``. The model thereby knows a compact chain (the AdaR1 short model's format and the
     latents' per-slot targets) without ever writing one after a plain ``<think>``."""
     short_pad_max: int = 24
