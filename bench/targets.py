@@ -80,7 +80,7 @@ def measure(run: Path) -> list[dict]:
         acc, tok = dpo["accuracy"] / long["accuracy"], dpo["mean_generated_tokens"] / long["mean_generated_tokens"]
         target("adar1_dpo accuracy >= 98% of long_cot", round(acc, 3), acc >= 0.98)
         target("adar1_dpo generated tokens <= 50% of long_cot", round(tok, 3), tok <= 0.50)
-    joined = rows.get("synadapt+adar1@0.5")
+    joined = rows.get("synadapt+adar1")  # the pipeline names the τ = 0.5 row so
     if joined and long and s5 and dpo:
         acc = joined["accuracy"] / long["accuracy"]
         best = max(s5["rel_g"] or 0, dpo["rel_g"] or 0)
