@@ -87,7 +87,12 @@ def load_stage_config(cls, argv: list[str], section: str):
         if isinstance(values.get(section), dict):
             names = {f.name for f in dataclasses.fields(cls)}
             values = {**{k: v for k, v in values.items() if k in names}, **values[section]}
-    return load_config(cls, None, deep_merge(values, parse_overrides(argv)))
+    cfg = load_config(cls, None, deep_merge(values, parse_overrides(argv)))
+    # Ray workers do not run in the driver's directory: a relative local path (``--model checkpoints/x``) would be
+    # looked up on the Hugging Face Hub there, so every top-level path that exists here is made absolute.
+    local = {f.name: os.path.abspath(v) for f in dataclasses.fields(cfg)
+             if isinstance(v := getattr(cfg, f.name), str) and v and not os.path.isabs(v) and os.path.exists(v)}
+    return dataclasses.replace(cfg, **local)
 
 
 def load_stage_problems(data, task) -> tuple[list[dict], int]:

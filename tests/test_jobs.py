@@ -73,6 +73,18 @@ def test_duplicates_from_retried_writes_are_removed_and_broken_shards_set_aside(
         map_to_parquet(rows + [{"id": "a"}], object, {}, str(tmp_path))
 
 
+def test_stage_config_makes_existing_relative_paths_absolute(tmp_path, monkeypatch):
+    # Ray Train workers run elsewhere: a relative model dir left as is would be looked up on the Hub there.
+    (tmp_path / "ckpt").mkdir()
+    monkeypatch.chdir(tmp_path)
+    from synadapt.adar1.train import SftConfig
+
+    cfg = load_stage_config(SftConfig, ["--model", "ckpt", "--output_dir", "not/yet/there"], "sft")
+    assert cfg.model == str(tmp_path / "ckpt") and cfg.output_dir == "not/yet/there"
+    hub = load_stage_config(SftConfig, ["--model", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"], "sft")
+    assert hub.model == "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"
+
+
 def test_7b_config_and_cluster_manifests_are_well_formed():
     cfg = load_stage_config(CollectDcotConfig, ["--config", str(ROOT / "configs/r1-distill-qwen-7b.yaml")],
                             "collect_dcot")
