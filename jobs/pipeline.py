@@ -100,7 +100,8 @@ class Stages:
 
 def base_model(cfg: PipelineConfig) -> str:
     if cfg.model:
-        return cfg.model
+        # As jobs.common.load_stage_config does: a relative local dir would be a Hub id in a Ray Train worker's cwd.
+        return os.path.abspath(cfg.model) if os.path.exists(cfg.model) else cfg.model
     from synadapt.models.tiny import reasoner_dir
 
     return str(reasoner_dir(cfg.task, cfg.reasoner))

@@ -48,6 +48,14 @@ def test_toy_dry_run_stays_local_and_on_cpu():
     assert not any("1 GPU" in r["resources"] for r in rows)
 
 
+def test_a_relative_model_dir_reaches_every_stage_as_an_absolute_path(tmp_path, monkeypatch):
+    (tmp_path / "ckpt").mkdir()
+    monkeypatch.chdir(tmp_path)
+    plan = stage_configs(PipelineConfig(model="ckpt"))
+    assert plan["train_refiner"].model == plan["train_sft"].model == str(tmp_path / "ckpt")
+    assert stage_configs(PipelineConfig(model="org/name"))["train_sft"].model == "org/name"
+
+
 def test_7b_evaluation_gets_its_own_generation_limits_and_gpus():
     """The results table used to run on one CPU actor with the 96-token default: R1 long CoT needs thousands."""
     cfg = load_config(PipelineConfig, CONFIG_7B)
