@@ -80,6 +80,12 @@ def measure(run: Path) -> list[dict]:
         acc, tok = dpo["accuracy"] / long["accuracy"], dpo["mean_generated_tokens"] / long["mean_generated_tokens"]
         target("adar1_dpo accuracy >= 98% of long_cot", round(acc, 3), acc >= 0.98)
         target("adar1_dpo generated tokens <= 50% of long_cot", round(tok, 3), tok <= 0.50)
+        if "long_share" in dpo:
+            levels = sorted(dpo["by_difficulty"], key=int)
+            shares = [dpo["by_difficulty"][k].get("long_share", 0.0) for k in levels]
+            rises = all(a <= b for a, b in zip(shares, shares[1:])) and shares[-1] > shares[0]
+            target("adar1_dpo share of long responses rises with level", round(dpo["long_share"], 3), rises,
+                   " ".join(f"L{k} {s:.2f}" for k, s in zip(levels, shares)))
     joined = rows.get("synadapt+adar1")  # the pipeline names the τ = 0.5 row so
     if joined and long and s5 and dpo:
         acc = joined["accuracy"] / long["accuracy"]

@@ -266,13 +266,21 @@ def evaluate_all(parts: list[tuple[EvaluateConfig, dict]], out: str, model: str,
                  summary: dict) -> dict:
     """Every row of the results table, each from a Ray Data evaluation over the same questions."""
     from jobs.evaluate import run_evaluate
-    from synadapt.eval.metrics import markdown_table, with_rel_g, write_results
+    from synadapt.eval.metrics import add_long_share, markdown_table, with_rel_g, write_results
 
-    rows = []
+    rows, records = [], {}
     for ev, rename in parts:
-        for row in run_evaluate(ev)["rows"]:
+        result = run_evaluate(ev)
+        done = [r for r in read_parquet_rows(os.path.join(ev.out_dir, "records")) if not r.get("error")]
+        for row in result["rows"]:
+            records[rename.get(row["method"], row["method"])] = [r for r in done if r["method"] == row["method"]]
             row["method"] = rename.get(row["method"], row["method"])
             rows.append(row)
+    if "long_cot" in records and "short_cot" in records:  # AdaR1: how often the merged / DPO model still thinks long
+        tokens = {n: {r["question_id"]: r["generated_tokens"] for r in records[n]} for n in ("long_cot", "short_cot")}
+        for row in rows:
+            if row["method"] in ("adar1_merge", "adar1_dpo"):
+                add_long_share(row, records[row["method"]], tokens["long_cot"], tokens["short_cot"])
     with_rel_g(rows)
     path = write_results(Path(out), task=eval_data.path or f"embedded-{eval_data.split}", model=model, rows=rows,
                          stages=summary)

@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 from ray.train.huggingface.transformers import RayTrainReportCallback
@@ -39,6 +40,7 @@ from synadapt.adar1.train import (
     sft_examples,
 )
 from synadapt.data.problems import write_jsonl
+from synadapt.data.task import SHORT_FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +156,10 @@ def run_sft(cfg: SftConfig) -> str:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(cfg.model)
-    rows, skipped = sft_examples(cfg.data.load(cfg.task), tok, cfg.prompt, cfg.completion_template)
+    task = replace(cfg.task, short_format=cfg.short_format or cfg.task.short_format)
+    if task.short_format not in SHORT_FORMATS:  # before any problem is drawn, with the field that names it
+        raise ValueError(f"sft: short_format {task.short_format!r} is not one of {SHORT_FORMATS}")
+    rows, skipped = sft_examples(cfg.data.load(task), tok, cfg.prompt, cfg.completion_template)
     log.info("sft: %d short-CoT examples (%d problems without short_cot skipped)", len(rows), skipped)
     write_jsonl(Path(cfg.output_dir) / "sft_data.jsonl", rows)
     return fit_and_export(build_sft_trainer, cfg, rows, "sft")

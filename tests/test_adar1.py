@@ -233,6 +233,23 @@ def test_dpo_raises_the_chosen_vs_rejected_margin(tiny_dir, tmp_path):
     assert trainer.state.log_history[-2]["rewards/margins"] > 0
 
 
+def test_dpo_sft_weight_adds_the_chosen_nll(tiny_dir, tmp_path):
+    from synadapt.adar1.train import DpoConfig, TrainSettings, build_dpo_trainer
+
+    rows = [{"prompt": f"a={i};?a<think>", "chosen": f"^a={i}</think>{i}", "rejected": f"a={i},a={i}</think>{i}"}
+            for i in range(8)]
+    chosen = {}
+    for weight in (0.0, 1.0):
+        cfg = DpoConfig(model=tiny_dir, sft_weight=weight,
+                        train=TrainSettings(learning_rate=1e-3, max_steps=6, per_device_batch_size=4, grad_accum=1,
+                                            deepspeed_stage=0, logging_steps=1, save_steps=100))
+        trainer = build_dpo_trainer(cfg, rows, str(tmp_path / f"work{weight}"))
+        assert trainer.args.loss_type == (["sigmoid", "sft"] if weight else ["sigmoid"])
+        trainer.train()
+        chosen[weight] = completion_logps(trainer.model.eval(), trainer.processing_class, rows)[:, 0].mean().item()
+    assert chosen[1.0] > chosen[0.0] + 0.5, chosen  # the NLL term holds the chosen response up
+
+
 # ---------------------------------------------------------------------------------------------- Ray jobs
 
 
@@ -240,13 +257,16 @@ def test_sft_job_on_ray_with_deepspeed(ray_session, tiny_dir, tmp_path):
     from jobs.train_sft import run_sft
     from synadapt.adar1.train import SftConfig, TrainSettings
     from synadapt.data.source import DataSource
+    from synadapt.data.task import TaskConfig
     from synadapt.models.lm import load_model
 
-    cfg = SftConfig(model=tiny_dir, output_dir=str(tmp_path / "short"), data=DataSource(limit=24),
+    cfg = SftConfig(model=tiny_dir, output_dir=str(tmp_path / "short"), data=DataSource(limit=24), short_format="ops",
                     train=TrainSettings(max_steps=2, per_device_batch_size=4, save_steps=100, logging_steps=1))
     out = run_sft(cfg)
     rows = [json.loads(line) for line in (tmp_path / "short" / "sft_data.jsonl").read_text().splitlines()]
     assert len(rows) == 24 and rows[0]["prompt"].endswith("<think>") and "</think>" in rows[0]["completion"]
+    ops = {p["id"]: p for p in DataSource(limit=24).load(TaskConfig(short_format="ops"))}
+    assert all(r["completion"].startswith(ops[r["id"]]["short_cot"] + "</think>") for r in rows)  # not var_values
     info = json.loads((tmp_path / "short" / "train_info.json").read_text())
     assert info["metrics"]["step"] == 2
     assert info["metrics"]["distributed_type"] == "DEEPSPEED" and info["metrics"]["num_processes"] == 2

@@ -4,7 +4,7 @@ import pytest
 
 from synadapt.config import describe, load_config
 from jobs.pipeline import PipelineConfig
-from synadapt.eval.metrics import markdown_table, summarize, with_rel_g, write_results
+from synadapt.eval.metrics import add_long_share, markdown_table, summarize, with_rel_g, write_results
 
 
 def _records(accs, tokens, level):
@@ -27,6 +27,19 @@ def test_rows_rel_g_and_results_files(tmp_path):
     assert "| nothink |" in markdown_table(rows) and "L2" in markdown_table(rows)
     with pytest.raises(ValueError, match="no records"):
         summarize("empty", [])
+
+
+def test_long_share_is_per_question_midpoint_by_level():
+    # Long CoT writes 40 tokens at level 1 and 80 at level 2, the short model 10 and 20: midpoints 25 and 50.
+    recs = [{"question_id": q, "difficulty": lv, "correct": 1, "generated_tokens": t, "forward_positions": t,
+             "seconds": 0.0} for q, lv, t in [("a", 1, 12), ("b", 1, 30), ("c", 2, 45), ("d", 2, 70), ("x", 2, 99)]]
+    long_tok, short_tok = {"a": 40, "b": 40, "c": 80, "d": 80}, {"a": 10, "b": 10, "c": 20, "d": 20}
+    row = add_long_share(summarize("adar1_dpo", recs), recs, long_tok, short_tok)
+    assert row["long_share"] == 0.5  # "x" has no reference and is left out
+    assert row["by_difficulty"]["1"]["long_share"] == 0.5 and row["by_difficulty"]["2"]["long_share"] == 0.5
+    assert "Share of long responses" in markdown_table([row])
+    with pytest.raises(ValueError, match="no question has both"):
+        add_long_share(summarize("m", recs), recs, long_tok, {})
 
 
 def test_config_yaml_overrides_and_errors(tmp_path):

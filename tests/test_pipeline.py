@@ -119,3 +119,26 @@ def test_dry_run_command_prints_the_plan_and_starts_nothing():
         assert f"{i}. {stage}:" in r.stdout
     assert "out = /data/synadapt/r1-7b" in r.stdout and "storage_path: /data/synadapt/r1-7b/adar1/dpo-ray" in r.stdout
     assert "max_new_tokens: 8192" in r.stdout
+
+
+def test_the_results_table_gives_the_adar1_rows_a_long_share(ray_session, tiny_dir, tmp_path):
+    """evaluate_all over real Ray Data evaluations: the merged / DPO rows are judged long or short per question
+    against the long_cot and short_cot rows of the same run (here: 8-token vs 3-token generations)."""
+    from jobs.evaluate import EvaluateConfig
+    from jobs.pipeline import evaluate_all
+    from synadapt.data.task import TaskConfig
+    from synadapt.models.lm import GenerationConfig
+
+    task = TaskConfig(train_per_level=2, val_per_level=1, test_per_level=2, levels=2)
+
+    def part(i, new_tokens, rename):
+        return (EvaluateConfig(model=tiny_dir, methods=["long_cot"], task=task, out_dir=str(tmp_path / f"part{i}"),
+                               generation=GenerationConfig(max_new_tokens=new_tokens, temperature=0.0)), rename)
+    parts = [part(0, 8, {}), part(1, 3, {"long_cot": "short_cot"}), part(2, 3, {"long_cot": "adar1_merge"}),
+             part(3, 8, {"long_cot": "adar1_dpo"})]
+    results = evaluate_all(parts, str(tmp_path), tiny_dir, DataSource(split="test"), {})
+    rows = {r["method"]: r for r in results["rows"]}
+    assert rows["long_cot"]["mean_generated_tokens"] > rows["short_cot"]["mean_generated_tokens"]
+    assert rows["adar1_dpo"]["long_share"] == 1.0 and rows["adar1_merge"]["long_share"] == 0.0
+    assert rows["adar1_dpo"]["by_difficulty"]["2"]["long_share"] == 1.0 and "long_share" not in rows["long_cot"]
+    assert "Share of long responses" in (tmp_path / "results.md").read_text()

@@ -51,6 +51,18 @@ def test_values_short_format_is_still_selectable():
         sample_problems(3, 1, TaskConfig(short_format="names"))
 
 
+def test_ops_short_format_skips_copies_but_not_the_asked_variable():
+    ops, full = (sample_problems(3, 20, TaskConfig(short_format=f)) for f in ("ops", "var_values"))
+    assert [p["question"] for p in ops] == [p["question"] for p in full]  # the format never moves the draw
+    for p, f in zip(ops, full):
+        statements = dict(s.split("=") for s in p["question"].split(";")[1:-1])
+        kept = [s.split("=")[0] for s in p["short_cot"].split(",")]
+        asked = p["question"].split("?")[1]
+        assert kept == [n for n in statements if not statements[n].isalpha() or n == asked]
+        assert set(p["short_cot"].split(",")) <= set(f["short_cot"].split(","))
+    assert sum(len(p["short_cot"]) for p in ops) < 0.8 * sum(len(p["short_cot"]) for p in full)
+
+
 def test_level_and_ops_knobs():
     rng = random.Random(0)
     p = make_problem(rng, 4, TaskConfig(ops="+"))

@@ -91,6 +91,10 @@ class SftConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataSource = field(default_factory=DataSource)
     """Problems with a ``short_cot`` field (rows without one are skipped and counted)."""
+    short_format: str = ""
+    """The embedded task only: the ``short_cot`` format the short model learns (synadapt.data.task.SHORT_FORMATS);
+    empty keeps ``task.short_format``. A field of its own because the task config also keys the shipped reasoner
+    and the latent targets, which this choice must not move."""
     completion_template: str = "{short_cot}{think_end}{answer}"
     """Target after the prompt; fields: short_cot, answer, think_end. TRL appends the tokenizer's EOS."""
     prompt: PromptFormat = field(default_factory=PromptFormat)
@@ -111,6 +115,10 @@ class DpoConfig:
     """DPO temperature β; METHOD.md: 0.1 for 7B, 0.05 for 1.5B models."""
     loss_type: str = "sigmoid"
     """TRL loss type; AdaR1 uses the standard sigmoid DPO loss, no length normalisation."""
+    sft_weight: float = 0.0
+    """Weight of an NLL term on the chosen response added to the DPO loss (TRL ``loss_type=[..., "sft"]``, RPO);
+    0 is AdaR1's plain DPO. The toy sets 1: with DPO alone the tiny merged model pushed the long chain's first token
+    down without raising the short chain's marker and wrote broken hybrids (0.537 accuracy)."""
     train: TrainSettings = field(default_factory=lambda: TrainSettings(learning_rate=5e-5, epochs=2.0,
                                                                        per_device_batch_size=8, grad_accum=2))
     """Defaults for the tiny model. The paper's lr 5e-7 barely moves an 800k-parameter model, so the toy default is
@@ -182,7 +190,10 @@ def build_dpo_trainer(cfg: DpoConfig, rows: list[dict], work_dir: str, deepspeed
     from trl import DPOConfig, DPOTrainer
 
     model, tok = _load_for_training(cfg.model)
-    args = training_args(DPOConfig, cfg.train, work_dir, deepspeed, beta=cfg.beta, loss_type=[cfg.loss_type])
+    losses = {"loss_type": [cfg.loss_type]}
+    if cfg.sft_weight:
+        losses = {"loss_type": [cfg.loss_type, "sft"], "loss_weights": [1.0, cfg.sft_weight]}
+    args = training_args(DPOConfig, cfg.train, work_dir, deepspeed, beta=cfg.beta, **losses)
     data = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     return DPOTrainer(model=model, ref_model=None, args=args, train_dataset=data, processing_class=tok,
                       peft_config=_lora(cfg.train))

@@ -5,7 +5,7 @@ one operation to the previous variable or copies it. All values are taken mod ``
 
     question : m=4;y=m+7;n=y;b=n-5;?b
     long_cot : m=4,y=4+7=1,n=1,b=1-5=6
-    short_cot: y=1,n=1,b=6         (short_format "var_values"; "values" gives 4,1,1,6)
+    short_cot: y=1,n=1,b=6         (short_format "var_values"; "ops" gives y=1,b=6, "values" 4,1,1,6)
     answer   : 6
 
 One character is one token (the tiny reasoner's tokenizer is a character-level Qwen2 byte-level BPE), so there are
@@ -31,6 +31,9 @@ from dataclasses import dataclass
 
 
 
+SHORT_FORMATS = ("var_values", "ops", "values")
+
+
 @dataclass
 class TaskConfig:
     """Shape of the embedded task."""
@@ -44,7 +47,8 @@ class TaskConfig:
     """Probability that a step copies the previous variable (``y=m``) instead of applying an operation."""
     short_format: str = "var_values"
     """The ``short_cot`` written with each problem: ``var_values`` (``y=1,n=1,b=6``: every computed variable with its
-    value; the first, given in the question, is not repeated) or ``values`` (``4,1,1,6``, v1)."""
+    value; the first, given in the question, is not repeated), ``ops`` (``y=1,b=6``: only the variables an operation
+    sets, plus the asked one; copies are followed silently) or ``values`` (``4,1,1,6``, v1)."""
     seed: int = 0
     train_per_level: int = 400
     val_per_level: int = 50
@@ -53,14 +57,15 @@ class TaskConfig:
 
 def make_problem(rng: random.Random, level: int, cfg: TaskConfig) -> dict:
     """One problem record of the given level, drawn from ``rng``."""
-    if cfg.short_format not in ("var_values", "values"):
-        raise ValueError(f"unknown task short_format {cfg.short_format!r}; expected var_values or values")
+    if cfg.short_format not in SHORT_FORMATS:
+        raise ValueError(f"unknown task short_format {cfg.short_format!r}; expected one of {SHORT_FORMATS}")
     names = rng.sample(string.ascii_lowercase, level + 1)
     value = rng.randrange(cfg.modulus)
     statements = [f"{names[0]}={value}"]
     steps = [f"{names[0]}={value}"]
-    values = [value]
+    values, computed = [value], []
     for i in range(1, level + 1):
+        computed.append(i == level)  # the asked variable is always written, so no short chain is empty
         if rng.random() < cfg.copy_share:
             statements.append(f"{names[i]}={names[i - 1]}")
             steps.append(f"{names[i]}={value}")
@@ -69,14 +74,17 @@ def make_problem(rng: random.Random, level: int, cfg: TaskConfig) -> dict:
             value = {"+": value + operand, "-": value - operand, "*": value * operand}[op] % cfg.modulus
             statements.append(f"{names[i]}={names[i - 1]}{op}{operand}")
             steps.append(f"{names[i]}={values[-1]}{op}{operand}={value}")
+            computed[-1] = True
         values.append(value)
+    short = {"var_values": [f"{n}={v}" for n, v in zip(names[1:], values[1:])],
+             "ops": [f"{n}={v}" for n, v, c in zip(names[1:], values[1:], computed) if c],
+             "values": [str(v) for v in values]}[cfg.short_format]
     question = ";".join(statements) + f";?{names[-1]}"
     return {
         "question": question,
         "answer": str(value),
         "long_cot": ",".join(steps),
-        "short_cot": ",".join(f"{n}={v}" for n, v in zip(names[1:], values[1:])) if cfg.short_format == "var_values"
-        else ",".join(str(v) for v in values),
+        "short_cot": ",".join(short),
         "difficulty": level,
     }
 

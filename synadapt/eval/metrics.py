@@ -38,6 +38,27 @@ def summarize(method: str, records: list[dict], **extra) -> dict:
     return row
 
 
+def add_long_share(row: dict, records: list[dict], long_tokens: dict, short_tokens: dict) -> dict:
+    """Set ``row["long_share"]`` (overall and per level): the share of ``records`` whose response is long.
+
+    A response counts as long when its length is nearer the long-CoT model's response to the same question than
+    the short-CoT model's (above the per-question midpoint of ``long_tokens[id]`` and ``short_tokens[id]``): a
+    length rule, since a merged or DPO model marks no mode, and per question, since lengths grow with difficulty.
+    Questions missing from either reference are left out.
+    """
+    flags = defaultdict(list)
+    for r in records:
+        q = r["question_id"] if "question_id" in r else r["id"]
+        if q in long_tokens and q in short_tokens:
+            flags[str(r.get("difficulty"))].append(r["generated_tokens"] > (long_tokens[q] + short_tokens[q]) / 2)
+    if not flags:
+        raise ValueError(f"long_share of {row['method']!r}: no question has both a long and a short reference")
+    row["long_share"] = mean(f for fs in flags.values() for f in fs)
+    for level, fs in flags.items():
+        row["by_difficulty"].setdefault(level, {})["long_share"] = mean(fs)
+    return row
+
+
 def rel_g(row: dict, reference: dict) -> float | None:
     """Relative gain (Acc/Acc_ref) / (Len/Len_ref), lengths in generated tokens (METHOD.md §1)."""
     if not reference["accuracy"] or not row["mean_generated_tokens"] or not reference["mean_generated_tokens"]:
@@ -74,6 +95,13 @@ def markdown_table(rows: list[dict]) -> str:
                 d = r.get("by_difficulty", {}).get(lv)
                 cells.append(f"{d['accuracy']:.2f} ({d['mean_generated_tokens']:.0f})" if d else "-")
             lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    shares = [r for r in rows if "long_share" in r]
+    if shares:
+        lines += ["", "Share of long responses by difficulty:", "",
+                  "| method | all | " + " | ".join(f"L{lv}" for lv in levels) + " |", "|---|---|" + "---|" * len(levels)]
+        lines += [f"| {r['method']} | {r['long_share']:.2f} | " + " | ".join(
+            f"{r['by_difficulty'].get(lv, {}).get('long_share', float('nan')):.2f}" for lv in levels) + " |"
+            for r in shares]
     return "\n".join(lines)
 
 

@@ -1,0 +1,79 @@
+"""Short-model probe (AdaR1's short-CoT model, #11): SFT the reasoner on one ``short_cot`` format in-process, then
+print per level the accuracy and generated tokens of the short model against long CoT on the same test questions.
+
+    python bench/short_probe.py --short_format ops --max_steps 300 --threads 1 --name ops_s300
+
+The same TRL SFTTrainer as jobs.train_sft, without Ray Train, so a format is judged in minutes; writes
+bench/out/short_probe_<name>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from synadapt.adar1.train import SftConfig, TrainSettings, build_sft_trainer, sft_examples
+from synadapt.data.task import SHORT_FORMATS, TaskConfig, make_splits
+from synadapt.eval.evaluate import evaluate_generation
+from synadapt.eval.metrics import summarize
+from synadapt.models.lm import GenerationConfig, load_model
+from synadapt.models.tiny import TinyReasonerConfig, reasoner_dir
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--short_format", default="var_values", choices=SHORT_FORMATS)
+    p.add_argument("--template", default="^{short_cot}{think_end}{answer}", help="SFT completion template")
+    p.add_argument("--max_steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--eval_per_level", type=int, default=30)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--name", default="")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    task = TaskConfig(short_format=args.short_format)
+    splits = make_splits(task)
+    model_dir = str(reasoner_dir(TaskConfig(), TinyReasonerConfig()))  # the shipped reasoner, whatever the format
+    cfg = SftConfig(model=model_dir, task=task, completion_template=args.template,
+                    train=TrainSettings(learning_rate=args.lr, max_steps=args.max_steps))
+    base, tok = load_model(model_dir)
+    rows, _ = sft_examples(splits["train"], tok, cfg.prompt, cfg.completion_template)
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as work:
+        trainer = build_sft_trainer(cfg, rows, work)
+        trainer.train()
+        train_seconds = time.time() - t0
+        short = trainer.model.eval()
+    levels = {}
+    for q in splits["test"]:
+        levels.setdefault(q["difficulty"], [])
+        if len(levels[q["difficulty"]]) < args.eval_per_level:
+            levels[q["difficulty"]].append(q)
+    test = [q for qs in levels.values() for q in qs]
+    gen = GenerationConfig(max_new_tokens=96, temperature=0.0, batch_size=128)
+    rows_out = {name: summarize(name, evaluate_generation(m, tok, test, "long", gen))
+                for name, m in (("long_cot", base), ("short_cot", short))}
+    lv = sorted(rows_out["long_cot"]["by_difficulty"], key=int)
+    print(f"short_format {args.short_format}, {args.max_steps} steps at lr {args.lr:g}, SFT {train_seconds:.0f}s")
+    print("| row | all | " + " | ".join(f"L{k}" for k in lv) + " |")
+    for name, r in rows_out.items():
+        d = r["by_difficulty"]
+        print(f"| {name} acc | {r['accuracy']:.3f} | " + " | ".join(f"{d[k]['accuracy']:.2f}" for k in lv) + " |")
+        print(f"| {name} tokens | {r['mean_generated_tokens']:.1f} | "
+              + " | ".join(f"{d[k]['mean_generated_tokens']:.1f}" for k in lv) + " |")
+    ratio = rows_out["short_cot"]["mean_generated_tokens"] / rows_out["long_cot"]["mean_generated_tokens"]
+    print(f"short/long tokens {ratio:.2f}")
+    out = Path(__file__).parent / "out"
+    out.mkdir(exist_ok=True)
+    name = args.name or f"{args.short_format}_s{args.max_steps}"
+    (out / f"short_probe_{name}.json").write_text(json.dumps(
+        {"args": vars(args), "train_seconds": train_seconds, "rows": rows_out}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
