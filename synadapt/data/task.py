@@ -63,9 +63,9 @@ def make_problem(rng: random.Random, level: int, cfg: TaskConfig) -> dict:
     value = rng.randrange(cfg.modulus)
     statements = [f"{names[0]}={value}"]
     steps = [f"{names[0]}={value}"]
-    values, computed = [value], []
+    values, kept = [value], []
     for i in range(1, level + 1):
-        computed.append(i == level)  # the asked variable is always written, so no short chain is empty
+        kept.append(i == level)  # the asked variable is always written, so no short chain is empty
         if rng.random() < cfg.copy_share:
             statements.append(f"{names[i]}={names[i - 1]}")
             steps.append(f"{names[i]}={value}")
@@ -74,10 +74,10 @@ def make_problem(rng: random.Random, level: int, cfg: TaskConfig) -> dict:
             value = {"+": value + operand, "-": value - operand, "*": value * operand}[op] % cfg.modulus
             statements.append(f"{names[i]}={names[i - 1]}{op}{operand}")
             steps.append(f"{names[i]}={values[-1]}{op}{operand}={value}")
-            computed[-1] = True
+            kept[-1] = True
         values.append(value)
     short = {"var_values": [f"{n}={v}" for n, v in zip(names[1:], values[1:])],
-             "ops": [f"{n}={v}" for n, v, c in zip(names[1:], values[1:], computed) if c],
+             "ops": [f"{n}={v}" for n, v, c in zip(names[1:], values[1:], kept) if c],
              "values": [str(v) for v in values]}[cfg.short_format]
     question = ";".join(statements) + f";?{names[-1]}"
     return {
