@@ -48,12 +48,8 @@ def main() -> int:
         trainer.train()
         train_seconds = time.time() - t0
         short = trainer.model.eval()
-    levels = {}
-    for q in splits["test"]:
-        levels.setdefault(q["difficulty"], [])
-        if len(levels[q["difficulty"]]) < args.eval_per_level:
-            levels[q["difficulty"]].append(q)
-    test = [q for qs in levels.values() for q in qs]
+    test = [p for lv in range(1, task.levels + 1)
+            for p in [q for q in splits["test"] if q["difficulty"] == lv][:args.eval_per_level]]
     gen = GenerationConfig(max_new_tokens=96, temperature=0.0, batch_size=128)
     rows_out = {name: summarize(name, evaluate_generation(m, tok, test, "long", gen))
                 for name, m in (("long_cot", base), ("short_cot", short))}

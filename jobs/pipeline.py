@@ -273,8 +273,9 @@ def evaluate_all(parts: list[tuple[EvaluateConfig, dict]], out: str, model: str,
         result = run_evaluate(ev)
         done = [r for r in read_parquet_rows(os.path.join(ev.out_dir, "records")) if not r.get("error")]
         for row in result["rows"]:
-            records[rename.get(row["method"], row["method"])] = [r for r in done if r["method"] == row["method"]]
-            row["method"] = rename.get(row["method"], row["method"])
+            name = rename.get(row["method"], row["method"])
+            records[name] = [r for r in done if r["method"] == row["method"]]
+            row["method"] = name
             rows.append(row)
     if "long_cot" in records and "short_cot" in records:  # AdaR1: how often the merged / DPO model still thinks long
         tokens = {n: {r["question_id"]: r["generated_tokens"] for r in records[n]} for n in ("long_cot", "short_cot")}

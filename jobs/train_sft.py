@@ -40,7 +40,6 @@ from synadapt.adar1.train import (
     sft_examples,
 )
 from synadapt.data.problems import write_jsonl
-from synadapt.data.task import SHORT_FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +155,7 @@ def run_sft(cfg: SftConfig) -> str:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(cfg.model)
-    task = replace(cfg.task, short_format=cfg.short_format or cfg.task.short_format)
-    if task.short_format not in SHORT_FORMATS:  # before any problem is drawn, with the field that names it
-        raise ValueError(f"sft: short_format {task.short_format!r} is not one of {SHORT_FORMATS}")
+    task = replace(cfg.task, short_format=cfg.short_format or cfg.task.short_format)  # TaskConfig checks the name
     rows, skipped = sft_examples(cfg.data.load(task), tok, cfg.prompt, cfg.completion_template)
     log.info("sft: %d short-CoT examples (%d problems without short_cot skipped)", len(rows), skipped)
     write_jsonl(Path(cfg.output_dir) / "sft_data.jsonl", rows)

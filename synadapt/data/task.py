@@ -54,11 +54,14 @@ class TaskConfig:
     val_per_level: int = 50
     test_per_level: int = 100
 
+    def __post_init__(self):
+        # Checked when the config is built (YAML, CLI or dataclasses.replace), not when the first problem is drawn.
+        if self.short_format not in SHORT_FORMATS:
+            raise ValueError(f"unknown task short_format {self.short_format!r}; expected one of {SHORT_FORMATS}")
+
 
 def make_problem(rng: random.Random, level: int, cfg: TaskConfig) -> dict:
     """One problem record of the given level, drawn from ``rng``."""
-    if cfg.short_format not in SHORT_FORMATS:
-        raise ValueError(f"unknown task short_format {cfg.short_format!r}; expected one of {SHORT_FORMATS}")
     names = rng.sample(string.ascii_lowercase, level + 1)
     value = rng.randrange(cfg.modulus)
     statements = [f"{names[0]}={value}"]
