@@ -29,8 +29,6 @@ import random
 import string
 from dataclasses import dataclass
 
-
-
 SHORT_FORMATS = ("var_values", "ops", "values")
 
 
