@@ -27,6 +27,7 @@ from synadapt.models.tiny import TinyReasonerConfig, reasoner_dir
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--short_format", default="var_values", choices=SHORT_FORMATS)
+    p.add_argument("--short_steps", type=int, default=0, help="thinking budget of the short chain (0: none)")
     p.add_argument("--template", default="^{short_cot}{think_end}{answer}", help="SFT completion template")
     p.add_argument("--max_steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -35,7 +36,7 @@ def main() -> int:
     p.add_argument("--name", default="")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    task = TaskConfig(short_format=args.short_format)
+    task = TaskConfig(short_format=args.short_format, short_steps=args.short_steps)
     splits = make_splits(task)
     model_dir = str(reasoner_dir(TaskConfig(), TinyReasonerConfig()))  # the shipped reasoner, whatever the format
     cfg = SftConfig(model=model_dir, task=task, completion_template=args.template,
@@ -54,7 +55,7 @@ def main() -> int:
     rows_out = {name: summarize(name, evaluate_generation(m, tok, test, "long", gen))
                 for name, m in (("long_cot", base), ("short_cot", short))}
     lv = sorted(rows_out["long_cot"]["by_difficulty"], key=int)
-    print(f"short_format {args.short_format}, {args.max_steps} steps at lr {args.lr:g}, SFT {train_seconds:.0f}s")
+    print(f"short_format {args.short_format} (budget {args.short_steps or 'none'}), {args.max_steps} steps at lr {args.lr:g}, SFT {train_seconds:.0f}s")
     print("| row | all | " + " | ".join(f"L{k}" for k in lv) + " |")
     for name, r in rows_out.items():
         d = r["by_difficulty"]

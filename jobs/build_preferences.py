@@ -4,7 +4,8 @@ and builds the bi-level pairs.
     python -m jobs.build_preferences --config configs/adar1/preferences.yaml \
         --long_model runs/tiny --short_model runs/adar1/short_cot
 
-Recipe: load the training questions and drop those that also appear in an evaluation set (normalised text) →
+Recipe (``generation.backend: hf``; ``vllm`` samples in vLLM engine actors instead, jobs/vllm_generate.py): load the
+training questions and drop those that also appear in an evaluation set (normalised text) →
 Ray Data actor pool (each actor loads both models once) samples and grades K responses per model per question into
 ``samples/`` (resumable Parquet) → group- and instance-level pairs on the driver, one shard of samples at a time →
 ``pairs.jsonl`` and ``pairs.parquet`` (prompt/chosen/rejected, plus metadata columns) and ``stats.json``.
@@ -31,10 +32,12 @@ from jobs.common import (
     storage,
     write_text,
 )
+from jobs.vllm_generate import sample_preferences_vllm
 from synadapt.adar1.preferences import PreferenceConfig, dedupe_against, pairs_for_questions, sample_groups
 from synadapt.data.source import parse_source
 from synadapt.data.task import make_splits
 from synadapt.models.lm import build_prompt
+from synadapt.models.vllm_engine import check_backend
 
 log = logging.getLogger(__name__)
 
@@ -159,12 +162,16 @@ def run_build_preferences(cfg: PreferenceConfig) -> dict:
     if not problems:
         raise ValueError("build_preferences: no training questions left after removing evaluation duplicates")
     samples_dir = join_path(cfg.output_dir, "samples")
+    check_backend(cfg.generation.backend)  # a missing vLLM extra fails here, before Ray starts
     check_sampling_settings(cfg, samples_dir)
     init_ray()
     rows = [{"id": p["id"], "question": p["question"], "answer": p["answer"]} for p in problems]
-    counts = map_to_parquet(rows, PreferenceSampler, {"cfg": cfg}, samples_dir, batch_size=cfg.batch_size,
-                            concurrency=cfg.concurrency, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
-                            retries=cfg.retries, desc="PreferenceSampler")
+    if cfg.generation.backend == "vllm":
+        counts = sample_preferences_vllm(cfg, rows, samples_dir)
+    else:
+        counts = map_to_parquet(rows, PreferenceSampler, {"cfg": cfg}, samples_dir, batch_size=cfg.batch_size,
+                                concurrency=cfg.concurrency, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+                                retries=cfg.retries, desc="PreferenceSampler")
     tok = AutoTokenizer.from_pretrained(cfg.long_model)
     questions = {p["id"]: {"prompt": build_prompt(tok, p["question"], "long", cfg.prompt),
                            "difficulty": p.get("difficulty")} for p in problems}

@@ -230,7 +230,7 @@ def _read_shard(fs, path: str, columns: list[str] | None = None):
         return None
 
 
-def _write_shard(fs, table, path: str) -> None:
+def write_shard(fs, table, path: str) -> None:
     """Write ``table`` to ``path`` so that a reader sees the whole shard or none: write a ``.tmp``, then rename
     (a server-side copy on object stores, whose uploads are atomic anyway). Leftover ``.tmp`` files are ignored."""
     import pyarrow.parquet as pq
@@ -263,7 +263,7 @@ def _keep_rows(fs, path: str, keep: list[bool]) -> int:
         return 0
     table = pq.read_table(path, filesystem=fs).filter(pa.array(keep))
     if table.num_rows:
-        _write_shard(fs, table, path)
+        write_shard(fs, table, path)
     else:
         fs.delete_file(path)
     return len(keep) - table.num_rows
@@ -293,7 +293,7 @@ class _ShardWriter:
 
         out = self.actor(batch)
         table = BlockAccessor.batch_to_block(out)  # the Arrow table Ray Data's own writer would write
-        _write_shard(self.fs, table, f"{self.root}/{uuid.uuid4().hex}.parquet")
+        write_shard(self.fs, table, f"{self.root}/{uuid.uuid4().hex}.parquet")
         return {self.id_field: out[self.id_field]}
 
 

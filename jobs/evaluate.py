@@ -4,7 +4,8 @@
     ray job submit --working-dir . -- python -m jobs.evaluate --model <path> --data.path data/math500.jsonl ...
 
 Recipe: load problems (malformed rows counted) → one Ray Data pass over (method, question) pairs; each actor loads
-the model once and runs :data:`METHODS` on its batch → per-question records as Parquet under
+the model once and runs :data:`METHODS` on its batch (with ``generation.backend: vllm`` the plain generation rows,
+long_cot, nothink and concise_cot, run in vLLM engine actors instead: jobs/vllm_generate.py) → per-question records as Parquet under
 ``out_dir/records`` (resumable: finished pairs are skipped) → one summary row per method with Rel-G against
 ``long_cot`` → ``out_dir/results.json``, ``results.md`` and plots (:func:`synadapt.eval.metrics.write_results`).
 """
@@ -18,12 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobs.common import apply_rows, init_ray, load_stage_config, load_stage_problems, map_to_parquet, read_parquet_rows
+from jobs.vllm_generate import evaluate_vllm
 from synadapt.config import RetryConfig
 from synadapt.data.source import DataSource
 from synadapt.data.task import TaskConfig
 from synadapt.eval.evaluate import evaluate_generation
 from synadapt.eval.metrics import markdown_table, summarize, with_rel_g, write_results
 from synadapt.models.lm import GenerationConfig, PromptFormat
+from synadapt.models.vllm_engine import check_backend
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +64,15 @@ class EvaluateConfig:
 
 
 def _generation(mode: str) -> Callable:
-    def run(bundle: dict, problems: list[dict], cfg: EvaluateConfig, arg: str | None = None) -> list[dict]:
+    def settings(cfg: EvaluateConfig, arg: str | None) -> None:
         if arg is not None:
             raise ValueError(f"generation mode {mode!r} takes no '@' argument (got {arg!r})")
+
+    def run(bundle: dict, problems: list[dict], cfg: EvaluateConfig, arg: str | None = None) -> list[dict]:
+        settings(cfg, arg)
         return evaluate_generation(bundle["model"], bundle["tok"], problems, mode, cfg.generation, cfg.prompt)
+
+    run.settings, run.mode = settings, mode  # the mode lets generation.backend vllm run this row in vLLM
     return run
 
 
@@ -168,11 +176,21 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     problems, malformed = load_stage_problems(cfg.data, cfg.task)
     rows = [{"id": f"{m}/{p['id']}", "question_id": p["id"], "method": m, "question": p["question"],
              "answer": p["answer"], "difficulty": p.get("difficulty")} for m in cfg.methods for p in problems]
+    check_backend(cfg.generation.backend)  # a missing vLLM extra fails here, before Ray starts
     init_ray()
     out = Path(cfg.out_dir)
-    counts = map_to_parquet(rows, Evaluator, {"cfg": cfg}, str(out / "records"), batch_size=cfg.batch_size,
-                            concurrency=cfg.concurrency, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
-                            retries=cfg.retries, desc="evaluate")
+    # generation.backend vllm: the plain generation rows run in vLLM, the latent rows stay on the HF actors.
+    modes = {m: getattr(resolve(m)[0], "mode", None) for m in cfg.methods} if cfg.generation.backend == "vllm" else {}
+    on_vllm = [r for r in rows if modes.get(r["method"])]
+    on_hf = [r for r in rows if not modes.get(r["method"])]
+    parts = []
+    if on_vllm:
+        parts.append(evaluate_vllm(cfg, on_vllm, str(out / "records"), modes))
+    if on_hf or not rows:
+        parts.append(map_to_parquet(on_hf, Evaluator, {"cfg": cfg}, str(out / "records"), batch_size=cfg.batch_size,
+                                    concurrency=cfg.concurrency, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+                                    retries=cfg.retries, desc="evaluate"))
+    counts = {k: sum(c[k] for c in parts) for k in parts[0]}
     wanted = {r["id"] for r in rows}
     records = [r for r in read_parquet_rows(str(out / "records")) if r["id"] in wanted]
     table = []

@@ -155,7 +155,8 @@ def run_sft(cfg: SftConfig) -> str:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(cfg.model)
-    task = replace(cfg.task, short_format=cfg.short_format or cfg.task.short_format)  # TaskConfig checks the name
+    task = replace(cfg.task, short_format=cfg.short_format or cfg.task.short_format,  # TaskConfig checks both
+                   short_steps=cfg.short_steps or cfg.task.short_steps)
     rows, skipped = sft_examples(cfg.data.load(task), tok, cfg.prompt, cfg.completion_template)
     log.info("sft: %d short-CoT examples (%d problems without short_cot skipped)", len(rows), skipped)
     write_jsonl(Path(cfg.output_dir) / "sft_data.jsonl", rows)

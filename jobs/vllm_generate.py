@@ -8,9 +8,17 @@ output, so ``SamplingParams(n=K)`` would drop samples; the K copies of a prompt 
 Results come back as :class:`~synadapt.models.lm.Generation` records, the fields the HF path gives.
 
     python -m jobs.collect_dcot --model checkpoints/tiny-reasoner --generation.backend vllm
+    python -m jobs.build_preferences --long_model A --short_model B --generation.backend vllm
+    python -m jobs.evaluate --model A --methods '[long_cot, nothink]' --generation.backend vllm
+
+Each stage's vLLM records go to the same resumable Parquet directory as its HF actors' (:func:`vllm_map_to_parquet`);
+the latent rows of an evaluation stay on the HF actors (they need ``inputs_embeds`` and hidden states).
 """
 from __future__ import annotations
 
+import time
+import uuid
+import zlib
 from collections import defaultdict
 
 from synadapt.models.lm import Generation, GenerationConfig
@@ -18,14 +26,16 @@ from synadapt.models.vllm_engine import engine_kwargs, sampling_params
 
 
 def vllm_generate(prompts: dict, model: str, gen: GenerationConfig, tok, *, samples: int = 1,
-                  batch_size: int = 16, concurrency: int = 1, num_cpus: float = 1, num_gpus: float = 0) -> dict:
+                  batch_size: int = 16, concurrency: int = 1, num_cpus: float = 1, num_gpus: float = 0,
+                  seed: int | None = None) -> dict:
     """``{id: prompt text}`` → ``{id: [Generation] * samples}`` from vLLM engine actors on the running Ray cluster.
 
     ``tok`` is the model's tokenizer (prompts are tokenized here without special tokens, as the HF path does).
     ``num_gpus`` per engine actor: 0 on a CPU machine. Ray Data LLM's engine stage asks for one GPU per actor
     unless a placement group says otherwise, and a GPU request on a CPU-only cluster waits forever, so the bundle
     is always given explicitly. ``seconds`` is the request's engine time divided by ``batch_size`` (the requests of
-    a batch run together), the HF path's batch wall time per question.
+    a batch run together), the HF path's batch wall time per question. With ``seed`` each (prompt id, sample)
+    request draws from its own seeded generator, so a rerun or a retried batch samples the same text.
     """
     from ray.data import from_items
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
@@ -45,8 +55,11 @@ def vllm_generate(prompts: dict, model: str, gen: GenerationConfig, tok, *, samp
         return {"id": row["id"], "sample": row["sample"], "text": text, "prompt_tokens": row["num_input_tokens"],
                 "generated_tokens": row["num_generated_tokens"], "seconds": row["time_taken_llm"] / batch_size}
 
-    processor = build_processor(config, preprocess=lambda row: {**row, "sampling_params": params},
-                                postprocess=record)
+    def request(row: dict) -> dict:
+        seeded = {} if seed is None else {"seed": zlib.crc32(f"{seed}:{row['id']}:{row['sample']}".encode())}
+        return {**row, "sampling_params": {**params, **seeded}}
+
+    processor = build_processor(config, preprocess=request, postprocess=record)
     rows = [{"id": i, "sample": s, "tokenized_prompt": tok(p, add_special_tokens=False)["input_ids"]}
             for i, p in prompts.items() for s in range(samples)]
     out: dict = defaultdict(lambda: [None] * samples)
@@ -61,35 +74,89 @@ def vllm_generate(prompts: dict, model: str, gen: GenerationConfig, tok, *, samp
     return {i: out[i] for i in prompts}
 
 
-def collect_dcot_vllm(cfg, rows: list[dict]) -> dict:
-    """collect_dcot's records for ``rows`` from vLLM, written as one Parquet shard in ``cfg.out_dir``; resumable like
-    :func:`jobs.common.map_to_parquet` (ids already written are skipped) and returning the same counts."""
-    import time
-    import uuid
-    from pathlib import Path
+def vllm_map_to_parquet(rows: list[dict], out_dir: str, make_records) -> dict:
+    """``make_records(todo) -> records`` for the ``rows`` whose ``id`` is not yet in ``out_dir``, written there as one
+    Parquet shard; the resume and counts of :func:`jobs.common.map_to_parquet`, so a stage reads either backend's
+    output alike. The shard is written atomically: a run killed during generation leaves nothing half-written, and
+    its rerun generates those rows again."""
+    from jobs.common import ERROR_COLUMN, read_parquet_rows, storage, write_shard
 
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    t0 = time.perf_counter()
+    done = {r["id"] for r in read_parquet_rows(out_dir, ["id"])}
+    todo = [r for r in rows if r["id"] not in done]
+    if todo:
+        import pyarrow as pa
+
+        records = [{**rec, ERROR_COLUMN: ""} for rec in make_records(todo)]
+        fs, root = storage(out_dir)
+        fs.create_dir(root, recursive=True)
+        write_shard(fs, pa.Table.from_pylist(records), f"{root}/vllm-{uuid.uuid4().hex}.parquet")
+    total = len({r["id"] for r in read_parquet_rows(out_dir, ["id"])} & {r["id"] for r in rows})
+    return {"input": len(rows), "skipped": len(rows) - len(todo), "written": len(todo), "total": total,
+            "duplicates_removed": 0, "errors": 0, "errors_retried": 0, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _engine(cfg) -> dict:
+    """The engine-actor settings a stage config carries."""
+    return {"batch_size": cfg.batch_size, "concurrency": cfg.concurrency, "num_cpus": cfg.num_cpus,
+            "num_gpus": cfg.num_gpus}
+
+
+def collect_dcot_vllm(cfg, rows: list[dict]) -> dict:
+    """collect_dcot's records for ``rows`` from vLLM into ``cfg.out_dir``."""
     from transformers import AutoTokenizer
 
-    from jobs.common import ERROR_COLUMN, read_parquet_rows
     from synadapt.data.dcot import dcot_record
     from synadapt.models.lm import build_prompt
 
-    t0 = time.perf_counter()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    done = {r["id"] for r in read_parquet_rows(str(out), ["id"])}
-    todo = [r for r in rows if r["id"] not in done]
-    if todo:
+    def records(todo: list[dict]) -> list[dict]:
         tok = AutoTokenizer.from_pretrained(cfg.model)
         prompts = {r["id"]: build_prompt(tok, r["question"], "long", cfg.prompt) for r in todo}
-        gens = vllm_generate(prompts, cfg.model, cfg.generation, tok, batch_size=cfg.batch_size,
-                             concurrency=cfg.concurrency, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
-        records = [{**dcot_record(r, gens[r["id"]][0], cfg.prompt), ERROR_COLUMN: ""} for r in todo]
-        tmp = out / f".vllm-{uuid.uuid4().hex}.tmp"
-        pq.write_table(pa.Table.from_pylist(records), tmp)
-        tmp.rename(out / f"vllm-{uuid.uuid4().hex}.parquet")  # a killed run leaves no half-written shard
-    total = len({r["id"] for r in read_parquet_rows(str(out), ["id"])} & {r["id"] for r in rows})
-    return {"input": len(rows), "skipped": len(rows) - len(todo), "written": len(todo), "total": total,
-            "duplicates_removed": 0, "errors": 0, "seconds": round(time.perf_counter() - t0, 2)}
+        gens = vllm_generate(prompts, cfg.model, cfg.generation, tok, **_engine(cfg))
+        return [dcot_record(r, gens[r["id"]][0], cfg.prompt) for r in todo]
+
+    return vllm_map_to_parquet(rows, cfg.out_dir, records)
+
+
+def sample_preferences_vllm(cfg, rows: list[dict], samples_dir: str) -> dict:
+    """build_preferences' samples for ``rows`` (K graded responses per question from the long and the short model,
+    the columns of ``jobs.build_preferences.PreferenceSampler``) from vLLM, the K copies of a prompt sharing its
+    cached prefix; each (question, sample) seeded from ``cfg.seed``."""
+    from transformers import AutoTokenizer
+
+    from synadapt.data.grading import grade
+    from synadapt.models.lm import build_prompt
+
+    def records(todo: list[dict]) -> list[dict]:
+        out = {r["id"]: {"id": r["id"]} for r in todo}
+        for name, model in (("long", cfg.long_model), ("short", cfg.short_model)):
+            tok = AutoTokenizer.from_pretrained(model)
+            prompts = {r["id"]: build_prompt(tok, r["question"], "long", cfg.prompt) for r in todo}
+            gens = vllm_generate(prompts, model, cfg.generation, tok, samples=cfg.k, seed=cfg.seed, **_engine(cfg))
+            for r in todo:
+                group = gens[r["id"]]
+                out[r["id"]].update({f"{name}_text": [g.text for g in group],
+                                     f"{name}_correct": [grade(g.text, r["answer"], cfg.prompt.think_end)[0]
+                                                         for g in group],
+                                     f"{name}_tokens": [g.generated_tokens for g in group]})
+        return list(out.values())
+
+    return vllm_map_to_parquet(rows, samples_dir, records)
+
+
+def evaluate_vllm(cfg, rows: list[dict], records_dir: str, modes: dict[str, str]) -> dict:
+    """jobs.evaluate's records for its plain generation rows (``modes``: method → generation mode) from vLLM."""
+    from transformers import AutoTokenizer
+
+    from synadapt.eval.evaluate import generation_record
+    from synadapt.models.lm import build_prompt
+
+    def records(todo: list[dict]) -> list[dict]:
+        tok = AutoTokenizer.from_pretrained(cfg.model)
+        prompts = {r["id"]: build_prompt(tok, r["question"], modes[r["method"]], cfg.prompt) for r in todo}
+        gens = vllm_generate(prompts, cfg.model, cfg.generation, tok, **_engine(cfg))
+        return [{**generation_record({**r, "id": r["question_id"]}, gens[r["id"]][0], modes[r["method"]],
+                                     cfg.prompt),
+                 "id": r["id"], "question_id": r["question_id"], "method": r["method"]} for r in todo]
+
+    return vllm_map_to_parquet(rows, records_dir, records)

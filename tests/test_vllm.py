@@ -94,6 +94,13 @@ def test_vllm_generate_samples_per_prompt_with_hf_counts(ray_session):
             assert "<|endoftext|>" not in g.text
     assert len({g.text for g in out["guess"]}) > 1  # eight copies of one sample would all be equal
 
+    # Seeded (build_preferences passes its seed): each (prompt, sample) request has its own generator, so a rerun
+    # or a retried batch draws the same texts, and the samples of one prompt still differ.
+    guess = {"guess": prompts["guess"]}
+    gen = GenerationConfig(max_new_tokens=64, temperature=1.0)
+    a, b = (vllm_generate(guess, TINY, gen, tok, samples=8, seed=7)["guess"] for _ in range(2))
+    assert [g.text for g in a] == [g.text for g in b] and len({g.text for g in a}) > 1
+
 
 @needs_vllm
 def test_serve_long_cot_on_ray_serve_llm_answers_as_the_hf_path(ray_session, tmp_path):
@@ -141,3 +148,48 @@ def test_serve_long_cot_on_ray_serve_llm_answers_as_the_hf_path(ray_session, tmp
         assert chunks[-1]["synadapt"]["generated_tokens"] == want.generated_tokens
     finally:
         serve.shutdown()
+
+
+@needs_vllm
+def test_vllm_evaluate_generation_rows_equal_hf_and_latent_rows_stay_on_hf(ray_session, tmp_path):
+    from jobs.evaluate import EvaluateConfig, run_evaluate
+    from synadapt.latent.reasoner import AdaptiveReasoner
+
+    run = AdaptiveReasoner.init_untrained(TINY, str(tmp_path / "run"))
+
+    def evaluate(backend: str) -> dict:
+        cfg = EvaluateConfig(model=TINY, methods=["long_cot", "nothink", "ccot"], reasoner=run,
+                             data=DataSource(split="test", limit=12), out_dir=str(tmp_path / backend),
+                             generation=GenerationConfig(max_new_tokens=64, backend=backend), batch_size=8)
+        return run_evaluate(cfg), {r["id"]: r for r in read_parquet_rows(str(tmp_path / backend / "records"))}
+
+    (res_hf, hf), (res_v, vl) = evaluate("hf"), evaluate("vllm")
+    assert hf.keys() == vl.keys() and len(hf) == 36
+    for i, h in hf.items():
+        fields = ("response", "correct", "generated_tokens", "forward_positions", "method", "question_id")
+        assert {k: vl[i][k] for k in fields} == {k: h[k] for k in fields}, i
+    rows = {r["method"]: r for r in res_v["rows"]}
+    assert rows.keys() == {"long_cot", "nothink", "ccot"} and rows["long_cot"]["accuracy"] >= 0.8
+    assert [r["accuracy"] for r in res_v["rows"]] == [r["accuracy"] for r in res_hf["rows"]]
+
+
+@needs_vllm
+def test_vllm_preferences_equal_hf_when_greedy(ray_session, tmp_path):
+    from jobs.build_preferences import run_build_preferences
+    from synadapt.adar1.preferences import PreferenceConfig
+
+    def prefs(backend: str, name: str) -> dict:
+        cfg = PreferenceConfig(long_model=TINY, short_model=TINY, output_dir=str(tmp_path / name),
+                               data=DataSource(limit=6), k=3, batch_size=3, concurrency=1,
+                               generation=GenerationConfig(max_new_tokens=64, temperature=0.0, backend=backend))
+        stats = run_build_preferences(cfg)
+        return stats, {r["id"]: r for r in read_parquet_rows(str(tmp_path / name / "samples"))}
+
+    (st_hf, hf), (st_v, vl) = prefs("hf", "hf"), prefs("vllm", "vllm")
+    assert hf.keys() == vl.keys() and len(hf) == 6
+    for i, h in hf.items():
+        for col in ("long_text", "long_correct", "long_tokens", "short_text", "short_correct", "short_tokens"):
+            assert list(vl[i][col]) == list(h[col]), (i, col)
+    assert (st_v["pairs"], st_v["prefer_long"], st_v["prefer_short"]) == \
+        (st_hf["pairs"], st_hf["prefer_long"], st_hf["prefer_short"])
+    assert (tmp_path / "vllm" / "pairs.jsonl").read_text() == (tmp_path / "hf" / "pairs.jsonl").read_text()

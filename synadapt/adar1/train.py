@@ -95,6 +95,9 @@ class SftConfig:
     """The embedded task only: the ``short_cot`` format the short model learns (synadapt.data.task.SHORT_FORMATS);
     empty keeps ``task.short_format``. A field of its own because the task config also keys the shipped reasoner
     and the latent targets, which this choice must not move."""
+    short_steps: int = 0
+    """The embedded task only: the short chain's thinking budget (``TaskConfig.short_steps``); 0 keeps
+    ``task.short_steps``."""
     completion_template: str = "{short_cot}{think_end}{answer}"
     """Target after the prompt; fields: short_cot, answer, think_end. TRL appends the tokenizer's EOS."""
     prompt: PromptFormat = field(default_factory=PromptFormat)

@@ -47,6 +47,11 @@ class TaskConfig:
     """The ``short_cot`` written with each problem: ``var_values`` (``y=1,n=1,b=6``: every computed variable with its
     value; the first, given in the question, is not repeated), ``ops`` (``y=1,b=6``: only the variables an operation
     sets, plus the asked one; copies are followed silently) or ``values`` (``4,1,1,6``, v1)."""
+    short_steps: int = 0
+    """A thinking budget for ``short_cot``: at most this many entries of the chosen format, the rest of the chain left
+    to the answer (0: no budget). With ``ops`` and 2, a chain of up to three operations stays answerable (the last
+    one is done directly, like answering without thinking), a longer one is not: a short model that is right on easy
+    questions and degrades on hard ones, as AdaR1 assumes."""
     seed: int = 0
     train_per_level: int = 400
     val_per_level: int = 50
@@ -56,6 +61,8 @@ class TaskConfig:
         # Checked when the config is built (YAML, CLI or dataclasses.replace), not when the first problem is drawn.
         if self.short_format not in SHORT_FORMATS:
             raise ValueError(f"unknown task short_format {self.short_format!r}; expected one of {SHORT_FORMATS}")
+        if self.short_steps < 0:
+            raise ValueError(f"task short_steps must be >= 0 (0: no budget), got {self.short_steps}")
 
 
 def make_problem(rng: random.Random, level: int, cfg: TaskConfig) -> dict:
@@ -80,6 +87,8 @@ def make_problem(rng: random.Random, level: int, cfg: TaskConfig) -> dict:
     short = {"var_values": [f"{n}={v}" for n, v in zip(names[1:], values[1:])],
              "ops": [f"{n}={v}" for n, v, c in zip(names[1:], values[1:], kept) if c],
              "values": [str(v) for v in values]}[cfg.short_format]
+    if cfg.short_steps:
+        short = short[:cfg.short_steps]
     question = ";".join(statements) + f";?{names[-1]}"
     return {
         "question": question,

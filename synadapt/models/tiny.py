@@ -188,7 +188,16 @@ def train_tiny_reasoner(out_dir: str | Path, cfg: TinyReasonerConfig, task: Task
     anneal = anneal_phase(model, tok, cfg, task) if cfg.anneal_steps else {}
     return save_reasoner(model, tok, out_dir, {
         "main": main, "anneal": anneal, "train_seconds": round(main["seconds"] + anneal.get("seconds", 0), 1),
-        "parameters": sum(p.numel() for p in model.parameters()), "config": asdict(cfg), "task": asdict(task)})
+        "parameters": sum(p.numel() for p in model.parameters()), "config": asdict(cfg), "task": task_key(task)})
+
+
+def task_key(task: TaskConfig) -> dict:
+    """The task settings a reasoner is keyed by. ``short_steps`` came after the shipped checkpoint and at 0 draws
+    the same problems, so it is left out there: the checkpoint (and every cached one) stays valid."""
+    key = asdict(task)
+    if not key["short_steps"]:
+        del key["short_steps"]
+    return key
 
 
 def ensure_tiny_reasoner(out_dir: str | Path, cfg: TinyReasonerConfig, task: TaskConfig) -> dict:
@@ -196,7 +205,7 @@ def ensure_tiny_reasoner(out_dir: str | Path, cfg: TinyReasonerConfig, task: Tas
     stats_file = Path(out_dir) / "training_stats.json"
     if stats_file.exists():
         stats = json.loads(stats_file.read_text())
-        if stats.get("config") == asdict(cfg) and stats.get("task") == asdict(task):
+        if stats.get("config") == asdict(cfg) and stats.get("task") == task_key(task):
             log.info("reusing tiny reasoner in %s", out_dir)
             return stats
     return train_tiny_reasoner(out_dir, cfg, task)
@@ -212,8 +221,8 @@ def reasoner_dir(task: TaskConfig, cfg: TinyReasonerConfig) -> Path:
     stats = SHIPPED_DIR / "training_stats.json"
     if stats.exists():
         shipped = json.loads(stats.read_text())
-        if shipped.get("config") == asdict(cfg) and shipped.get("task") == asdict(task):
+        if shipped.get("config") == asdict(cfg) and shipped.get("task") == task_key(task):
             return SHIPPED_DIR
-    key = hashlib.sha256(json.dumps([asdict(cfg), asdict(task)], sort_keys=True).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([asdict(cfg), task_key(task)], sort_keys=True).encode()).hexdigest()
     cache = Path(os.environ.get("SYNADAPT_CACHE", Path.home() / ".cache" / "synadapt"))
     return cache / f"tiny-reasoner-{key[:12]}"
