@@ -75,6 +75,32 @@ def measure(run: Path) -> list[dict]:
         if control5:
             target("synadapt@0.5 Rel-G above nothink+classifier@0.5", round(s5["rel_g"] or 0, 2),
                    (s5["rel_g"] or 0) > (control5["rel_g"] or 0), f"control {control5['rel_g'] or 0:.2f}")
+    short = rows.get("short_cot")
+    if short and long:  # AdaR1's premise (#11): the short model is right where it can be, and only there
+        levels = sorted(long["by_difficulty"], key=int)
+        easy = levels[:max(1, len(levels) // 2)]
+        lv_s, lv_l = short["by_difficulty"], long["by_difficulty"]
+        gap = max(lv_l[k]["accuracy"] - lv_s[k]["accuracy"] for k in easy)
+        tok = sum(lv_s[k]["mean_generated_tokens"] for k in easy) / sum(lv_l[k]["mean_generated_tokens"] for k in easy)
+        target(f"short_cot within 5 points of long_cot at L{easy[0]}-L{easy[-1]}, <= 50% of its tokens there",
+               round(tok, 3), gap <= 0.05 and tok <= 0.50, f"largest gap {gap * 100:.1f} points; "
+               + " ".join(f"L{k} {lv_s[k]['mean_generated_tokens'] / lv_l[k]['mean_generated_tokens']:.2f}"
+                          for k in easy))
+        drop = lv_l[levels[-1]]["accuracy"] - lv_s[levels[-1]]["accuracy"]
+        target("short_cot degrades on the hardest level (>= 10 points below long_cot)", round(drop * 100, 1),
+               drop >= 0.10, " ".join(f"L{k} {lv_s[k]['accuracy']:.2f}" for k in levels))
+    prefs = st.get("build_preferences", {})
+    if prefs.get("by_difficulty"):
+        by = prefs["by_difficulty"]
+        shares = [by[k]["share_prefer_long"] or 0.0 for k in sorted(by, key=int)]
+        target("share of questions preferring long rises with level", round(prefs["share_prefer_long"] or 0, 3),
+               all(a <= b for a, b in zip(shares, shares[1:])) and shares[-1] > shares[0],
+               " ".join(f"L{k} {x:.2f}" for k, x in zip(sorted(by, key=int), shares))
+               + f"; pairs {prefs.get('pairs_by_level')}")
+    branch = [st.get(k, {}).get("stage_seconds") for k in ("train_sft", "merge", "build_preferences", "train_dpo")]
+    if all(b is not None for b in branch):
+        target("AdaR1 branch (SFT, merge, preferences, DPO) <= 6 minutes", round(sum(branch) / 60, 1),
+               sum(branch) <= 360, " + ".join(f"{b:.0f}" for b in branch) + " s")
     dpo = rows.get("adar1_dpo")
     if dpo and long:  # AdaR1 (#11)
         acc, tok = dpo["accuracy"] / long["accuracy"], dpo["mean_generated_tokens"] / long["mean_generated_tokens"]

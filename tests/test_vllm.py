@@ -106,6 +106,7 @@ def test_vllm_generate_samples_per_prompt_with_hf_counts(ray_session):
 def test_serve_long_cot_on_ray_serve_llm_answers_as_the_hf_path(ray_session, tmp_path):
     """The whole graph with long_backend vllm: same API, routing and synadapt metadata; greedy text = HF's."""
     import json
+    import urllib.error
     import urllib.request
 
     import yaml
@@ -115,7 +116,7 @@ def test_serve_long_cot_on_ray_serve_llm_answers_as_the_hf_path(ray_session, tmp
     from synadapt.latent.reasoner import AdaptiveReasoner
 
     conf = yaml.safe_load((Path(__file__).resolve().parents[1] / "serve" / "config.yaml").read_text())
-    conf["applications"][0]["args"].update(long_backend="vllm", request_timeout_s=60)
+    conf["applications"][0]["args"].update(long_backend="vllm", request_timeout_s=60, debug_routes=True)
     for d in conf["applications"][0]["deployments"]:
         d["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1}
         d["ray_actor_options"] = {"num_cpus": 0.1}
@@ -146,6 +147,14 @@ def test_serve_long_cot_on_ray_serve_llm_answers_as_the_hf_path(ray_session, tmp
         assert "".join(c["choices"][0].get("text") or "" for c in chunks if c.get("choices")) == \
             got["choices"][0]["text"]
         assert chunks[-1]["synadapt"]["generated_tokens"] == want.generated_tokens
+
+        # The HF deployment's failure route, on the vLLM replica: a JSON 500, and the graph keeps serving.
+        root = url.removesuffix("/v1")
+        req = urllib.request.Request(f"{root}/debug/error", b"{}", {"content-type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=60)
+        assert err.value.code == 500 and "debug failure" in json.loads(err.value.read())["error"]["message"]
+        assert json.loads(post(ask)[1])["choices"][0]["text"] == want.text  # still serving
     finally:
         serve.shutdown()
 
