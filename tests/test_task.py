@@ -63,6 +63,23 @@ def test_ops_short_format_skips_copies_but_not_the_asked_variable():
     assert sum(len(p["short_cot"]) for p in ops) < 0.8 * sum(len(p["short_cot"]) for p in full)
 
 
+def test_short_steps_budget_keeps_the_first_entries_and_leaves_the_rest_to_the_answer():
+    budget, ops = (sample_problems(3, 20, TaskConfig(short_format="ops", short_steps=s)) for s in (2, 0))
+    assert [p["question"] for p in budget] == [p["question"] for p in ops]  # the budget never moves the draw
+    for b, o in zip(budget, ops):
+        assert b["short_cot"].split(",") == o["short_cot"].split(",")[:2] and b["answer"] == o["answer"]
+    assert any(len(o["short_cot"].split(",")) > 2 for o in ops)  # some chains were cut
+    with pytest.raises(ValueError, match="short_steps must be >= 0"):
+        TaskConfig(short_steps=-1)
+
+
+def test_the_shipped_reasoner_stays_valid_for_the_default_task():
+    from synadapt.models.tiny import SHIPPED_DIR, TinyReasonerConfig, reasoner_dir
+
+    assert reasoner_dir(TaskConfig(), TinyReasonerConfig()) == SHIPPED_DIR
+    assert reasoner_dir(TaskConfig(short_steps=2), TinyReasonerConfig()) != SHIPPED_DIR  # other problems, other key
+
+
 def test_level_and_ops_knobs():
     rng = random.Random(0)
     p = make_problem(rng, 4, TaskConfig(ops="+"))
