@@ -124,22 +124,19 @@ def sample_preferences_vllm(cfg, rows: list[dict], samples_dir: str) -> dict:
     cached prefix; each (question, sample) seeded from ``cfg.seed``."""
     from transformers import AutoTokenizer
 
-    from synadapt.data.grading import grade
+    from synadapt.adar1.preferences import graded_group
     from synadapt.models.lm import build_prompt
 
     def records(todo: list[dict]) -> list[dict]:
-        out = {r["id"]: {"id": r["id"]} for r in todo}
+        out = [{"id": r["id"]} for r in todo]
         for name, model in (("long", cfg.long_model), ("short", cfg.short_model)):
             tok = AutoTokenizer.from_pretrained(model)
             prompts = {r["id"]: build_prompt(tok, r["question"], "long", cfg.prompt) for r in todo}
             gens = vllm_generate(prompts, model, cfg.generation, tok, samples=cfg.k, seed=cfg.seed, **_engine(cfg))
-            for r in todo:
-                group = gens[r["id"]]
-                out[r["id"]].update({f"{name}_text": [g.text for g in group],
-                                     f"{name}_correct": [grade(g.text, r["answer"], cfg.prompt.think_end)[0]
-                                                         for g in group],
-                                     f"{name}_tokens": [g.generated_tokens for g in group]})
-        return list(out.values())
+            for rec, r in zip(out, todo):
+                group = graded_group(gens[r["id"]], r["answer"], cfg.prompt)
+                rec.update({f"{name}_{field}": [g[field] for g in group] for field in ("text", "correct", "tokens")})
+        return out
 
     return vllm_map_to_parquet(rows, samples_dir, records)
 

@@ -153,11 +153,13 @@ def sample_groups(model, tok, problems: list[dict], k: int, gen: GenerationConfi
     fmt = fmt or PromptFormat()
     prompts = [build_prompt(tok, p["question"], "long", fmt) for p in problems for _ in range(k)]
     gens = generate(model, tok, prompts, gen)
-    groups = []
-    for i, p in enumerate(problems):
-        groups.append([{"text": g.text, "correct": grade(g.text, p["answer"], fmt.think_end)[0],
-                        "tokens": g.generated_tokens} for g in gens[i * k:(i + 1) * k]])
-    return groups
+    return [graded_group(gens[i * k:(i + 1) * k], p["answer"], fmt) for i, p in enumerate(problems)]
+
+
+def graded_group(gens: list, answer: str, fmt: PromptFormat) -> list[dict]:
+    """One question's sampled generations (either backend's) as graded responses ``{"text", "correct", "tokens"}``."""
+    return [{"text": g.text, "correct": grade(g.text, answer, fmt.think_end)[0], "tokens": g.generated_tokens}
+            for g in gens]
 
 
 def pairs_for_questions(samples: list[dict], cfg: PreferenceConfig,
