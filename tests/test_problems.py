@@ -174,3 +174,27 @@ def test_unknown_adapter_is_a_caller_error(tmp_path):
     with pytest.raises(ValueError, match="unknown adapter"):
         load_problems(str(tmp_path / "x.jsonl"), adapter="nope")
     assert "generic" in ADAPTERS
+
+
+def test_data_parts_are_disjoint_cover_the_split_and_keep_every_level(tmp_path):
+    from collections import Counter
+
+    from synadapt.data.source import DataSource
+    from synadapt.data.task import TaskConfig
+
+    task = TaskConfig(train_per_level=30, val_per_level=10, test_per_level=20)
+    whole = DataSource(split="train").load(task)
+    parts = [DataSource(split="train", part=f"{k}/2").load(task) for k in (0, 1)]
+    ids = [{p["id"] for p in part} for part in parts]
+    assert not (ids[0] & ids[1]) and ids[0] | ids[1] == {p["id"] for p in whole}
+    assert all(Counter(p["difficulty"] for p in part) == Counter({lv: 15 for lv in range(1, 7)}) for part in parts)
+    limited = DataSource(split="train", part="1/2", limit=12).load(task)  # limit samples within the part
+    assert {p["id"] for p in limited} <= ids[1] and len(limited) == 12
+
+    path = tmp_path / "few.jsonl"
+    write_jsonl(path, [{"id": str(i), "question": f"q{i}", "answer": str(i)} for i in range(7)])
+    assert [p["id"] for p in DataSource(path=str(path), part="1/3").load(task)] == ["1", "4"]
+    assert [p["id"] for p in DataSource(path=str(path), part="0/3", limit=2).load(task)] == ["0", "3"]
+    for bad in ("2/2", "1", "a/3", "-1/2"):
+        with pytest.raises(ValueError, match="data.part must be 'k/n'"):
+            DataSource(split="train", part=bad).load(task)

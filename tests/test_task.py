@@ -63,6 +63,17 @@ def test_ops_short_format_skips_copies_but_not_the_asked_variable():
     assert sum(len(p["short_cot"]) for p in ops) < 0.8 * sum(len(p["short_cot"]) for p in full)
 
 
+def test_ops_packed_is_ops_without_separators_and_keeps_the_budget():
+    for steps in (0, 2):
+        ops, packed = (sample_problems(3, 20, TaskConfig(short_format=f, short_steps=steps))
+                       for f in ("ops", "ops_packed"))
+        for o, p in zip(ops, packed):
+            assert (p["question"], p["answer"]) == (o["question"], o["answer"])
+            assert p["short_cot"] == o["short_cot"].replace(",", "") and "," not in p["short_cot"]
+            # one-character names and values: the entries are recoverable, every third character a "="
+            assert p["short_cot"][1::3] == "=" * (len(p["short_cot"]) // 3)
+
+
 def test_short_steps_budget_keeps_the_first_entries_and_leaves_the_rest_to_the_answer():
     budget, ops = (sample_problems(3, 20, TaskConfig(short_format="ops", short_steps=s)) for s in (2, 0))
     assert [p["question"] for p in budget] == [p["question"] for p in ops]  # the budget never moves the draw

@@ -24,7 +24,19 @@ class DataSource:
     field_map: dict[str, str] = field(default_factory=dict)
     """Schema field → source column, e.g. ``{"question": "problem", "short_cot": "short_solution"}``."""
     limit: int = 0
-    """Use at most this many problems (0 = all). Embedded splits are subsampled evenly across levels."""
+    """Use at most this many problems (0 = all). Embedded splits are sampled (seeded) across all levels."""
+    part: str = ""
+    """``"k/n"``: only the k-th of n interleaved parts (problem i is in part i mod n), taken before ``limit``; two
+    stages given different parts of one split see disjoint problems (AdaR1 samples its preference data on questions
+    the short model was not fine-tuned on). Interleaving keeps each level's share in a level-ordered split."""
+
+    def _part(self, problems: list[dict]) -> list[dict]:
+        if not self.part:
+            return problems
+        k, sep, n = self.part.partition("/")
+        if not (sep and k.isdigit() and n.isdigit() and int(k) < int(n)):
+            raise ValueError(f"data.part must be 'k/n' with 0 <= k < n, got {self.part!r}")
+        return problems[int(k)::int(n)]
 
     def load(self, task: TaskConfig) -> list[dict]:
         """The problems, with malformed rows of a file reported in the log (never silently dropped)."""
@@ -32,18 +44,20 @@ class DataSource:
             splits = make_splits(task)
             if self.split not in splits:
                 raise ValueError(f"unknown embedded split {self.split!r}; choose from {sorted(splits)}")
-            problems = splits[self.split]
+            problems = self._part(splits[self.split])
             if 0 < self.limit < len(problems):
                 # Splits are ordered by level: a seeded sample (kept in order) covers every level.
                 keep = sorted(random.Random(task.seed).sample(range(len(problems)), self.limit))
                 problems = [problems[i] for i in keep]
             return problems
         report = load_problems(self.path, adapter=self.adapter, field_map=self.field_map or None, split=self.split,
-                               limit=self.limit or None)
+                               limit=None if self.part else self.limit or None)
         log.info(report.summary())
-        if not report.problems:
-            raise ValueError(f"no valid problems in {self.path!r} (split {self.split!r}, adapter {self.adapter!r})")
-        return report.problems
+        problems = self._part(report.problems)
+        if not problems:
+            raise ValueError(f"no valid problems in {self.path!r} (split {self.split!r}, adapter {self.adapter!r}"
+                             f"{', part ' + self.part if self.part else ''})")
+        return problems[:self.limit] if self.part and self.limit else problems
 
 
 def parse_source(spec: str, split: str = "test") -> DataSource:

@@ -29,7 +29,7 @@ import random
 import string
 from dataclasses import dataclass
 
-SHORT_FORMATS = ("var_values", "ops", "values")
+SHORT_FORMATS = ("var_values", "ops", "ops_packed", "values")
 
 
 @dataclass
@@ -46,7 +46,10 @@ class TaskConfig:
     short_format: str = "var_values"
     """The ``short_cot`` written with each problem: ``var_values`` (``y=1,n=1,b=6``: every computed variable with its
     value; the first, given in the question, is not repeated), ``ops`` (``y=1,b=6``: only the variables an operation
-    sets, plus the asked one; copies are followed silently) or ``values`` (``4,1,1,6``, v1)."""
+    sets, plus the asked one; copies are followed silently), ``ops_packed`` (``y=1b=6``: ``ops`` without the commas, a
+    token less per entry; names and values are one character each, so nothing is ambiguous) or ``values``
+    (``4,1,1,6``, v1). Dropping ``=`` as well (``y1b6``) is not learnable by the reasoner: 0.09 at 600 steps, because
+    its long chains compute each value right after an ``=``."""
     short_steps: int = 0
     """A thinking budget for ``short_cot``: at most this many entries of the chosen format, the rest of the chain left
     to the answer (0: no budget). With ``ops`` and 2, a chain of up to three operations stays answerable (the last
@@ -84,8 +87,8 @@ def make_problem(rng: random.Random, level: int, cfg: TaskConfig) -> dict:
             steps.append(f"{names[i]}={values[-1]}{op}{operand}={value}")
             kept[-1] = True
         values.append(value)
-    short = {"var_values": [f"{n}={v}" for n, v in zip(names[1:], values[1:])],
-             "ops": [f"{n}={v}" for n, v, c in zip(names[1:], values[1:], kept) if c],
+    ops = [f"{n}={v}" for n, v, c in zip(names[1:], values[1:], kept) if c]
+    short = {"var_values": [f"{n}={v}" for n, v in zip(names[1:], values[1:])], "ops": ops, "ops_packed": ops,
              "values": [str(v) for v in values]}[cfg.short_format]
     if cfg.short_steps:
         short = short[:cfg.short_steps]
@@ -94,7 +97,7 @@ def make_problem(rng: random.Random, level: int, cfg: TaskConfig) -> dict:
         "question": question,
         "answer": str(value),
         "long_cot": ",".join(steps),
-        "short_cot": ",".join(short),
+        "short_cot": ("" if cfg.short_format == "ops_packed" else ",").join(short),
         "difficulty": level,
     }
 
