@@ -35,7 +35,7 @@ def main() -> int:
     table = defaultdict(lambda: defaultdict(int))
     for qid, r in records["dpo"].items():
         long_t, short_t = records["long"][qid]["generated_tokens"], records["short"][qid]["generated_tokens"]
-        went_long = abs(r["generated_tokens"] - long_t) < abs(r["generated_tokens"] - short_t)  # as add_long_share
+        went_long = r["generated_tokens"] > (long_t + short_t) / 2  # the rule of metrics.add_long_share
         row = table[operations(questions[qid])]
         row["questions"] += 1
         row["short_model_right"] += records["short"][qid]["correct"]

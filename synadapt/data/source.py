@@ -30,13 +30,19 @@ class DataSource:
     stages given different parts of one split see disjoint problems (AdaR1 samples its preference data on questions
     the short model was not fine-tuned on). Interleaving keeps each level's share in a level-ordered split."""
 
+    def __post_init__(self):
+        # Checked when the config is built (YAML, CLI or dataclasses.replace), as TaskConfig does: a pipeline's
+        # stage_configs then names a bad part before any stage runs.
+        if self.part:
+            k, sep, n = self.part.partition("/")
+            if not (sep and k.isdigit() and n.isdigit() and int(k) < int(n)):
+                raise ValueError(f"data.part must be 'k/n' with 0 <= k < n, got {self.part!r}")
+
     def _part(self, problems: list[dict]) -> list[dict]:
         if not self.part:
             return problems
-        k, sep, n = self.part.partition("/")
-        if not (sep and k.isdigit() and n.isdigit() and int(k) < int(n)):
-            raise ValueError(f"data.part must be 'k/n' with 0 <= k < n, got {self.part!r}")
-        return problems[int(k)::int(n)]
+        k, n = map(int, self.part.split("/"))
+        return problems[k::n]
 
     def load(self, task: TaskConfig) -> list[dict]:
         """The problems, with malformed rows of a file reported in the log (never silently dropped)."""
@@ -57,7 +63,7 @@ class DataSource:
         if not problems:
             raise ValueError(f"no valid problems in {self.path!r} (split {self.split!r}, adapter {self.adapter!r}"
                              f"{', part ' + self.part if self.part else ''})")
-        return problems[:self.limit] if self.part and self.limit else problems
+        return problems[:self.limit or None]  # without a part, load_problems has applied the limit already
 
 
 def parse_source(spec: str, split: str = "test") -> DataSource:
