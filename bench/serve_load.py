@@ -11,7 +11,8 @@ bench/out/serve_load.json (--chaos: bench/out/serve_chaos.json) and prints a tab
 Hops at concurrency 1: the *front* hop is the client's latency minus the time the ingress measured for the request
 (HTTP, Serve's proxy, the ingress's FastAPI and JSON); the *model* hops are the ingress's time minus the model
 time the replicas report (parsing, the handle call, the replica's queue, serialization), shared among the one or
-two model calls of the request.
+two model calls of the request. *Serve's floor* for both comes from a trivial graph deployed beside ours and called
+in the same loop (:func:`start_serve_floor`): what any Serve HTTP request and any handle call cost on this machine.
 """
 import argparse
 import json
@@ -109,37 +110,74 @@ class InProcess:
                      self.cfg)
 
 
-def paired_overhead(url: str, local: InProcess, questions: list[str], mode: str, tau: float,
-                    max_tokens: int) -> dict:
-    """Served minus in-process latency, question by question, the two calls back to back (alternating which goes
-    first), so both see the same background load on a shared machine; and the served latency split into hops."""
-    diffs, served, direct, front, model_hop = [], [], [], [], []
-    body = {"model": "synadapt", "max_tokens": max_tokens, "reasoning_mode": mode, "tau": tau}
-    for k, q in enumerate(questions[:2] + questions):  # the first two warm up and are not counted
-        t = {}
-        for side in (("served", "direct") if k % 2 else ("direct", "served")):
+def start_serve_floor(port: int) -> str:
+    """Deploy, beside the graph, a FastAPI ingress that makes one handle call to a deployment answering at once and
+    reports that call's time; returns the ingress's base URL. Its client latency minus that time is Serve's floor for
+    the front hop, the call's time its floor for a model hop, on this machine and under the same load."""
+    from fastapi import FastAPI, Request
+    from ray import serve
+
+    floor_api = FastAPI()
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0.1})
+    class Echo:
+        async def __call__(self, body: dict) -> dict:
+            return body
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0.1})  # as the graph's Ingress
+    @serve.ingress(floor_api)
+    class ServeFloor:
+        def __init__(self, echo):
+            self.echo = echo
+
+        @floor_api.post("/v1/chat/completions")
+        async def chat(self, request: Request) -> dict:
+            body = await request.json()
             t0 = time.perf_counter()
-            if side == "served":
-                status, resp = post(f"{url}/chat/completions", {**body, "messages": [{"role": "user", "content": q}]})
-                assert status == 200, status
-            else:
+            await self.echo.remote(body)
+            return {"object": "chat.completion", "handle_call_s": time.perf_counter() - t0}
+
+    serve.run(ServeFloor.bind(Echo.bind()), name="serve_floor", route_prefix="/floor")
+    return f"http://127.0.0.1:{port}/floor/v1"
+
+
+def paired_overhead(url: str, floor_url: str, local: InProcess, questions: list[str], mode: str, tau: float,
+                    max_tokens: int) -> dict:
+    """Served minus in-process latency, question by question, the calls back to back (rotating which goes first),
+    so all see the same background load on a shared machine; the served latency split into hops; and the Serve
+    floor (:func:`start_serve_floor`) in the same loop."""
+    diffs, served, direct, front, model_hop, front_floor, model_floor = [], [], [], [], [], [], []
+    body = {"model": "synadapt", "max_tokens": max_tokens, "reasoning_mode": mode, "tau": tau}
+    sides = ("served", "direct", "floor")
+    for k, q in enumerate(questions[:2] + questions):  # the first two warm up and are not counted
+        t, answers, request = {}, {}, {**body, "messages": [{"role": "user", "content": q}]}
+        for side in sides[k % 3:] + sides[:k % 3]:
+            t0 = time.perf_counter()
+            if side == "direct":
                 local(q, mode, tau)
+            else:
+                status, answers[side] = post(f"{url if side == 'served' else floor_url}/chat/completions", request)
+                assert status == 200, (side, status)
             t[side] = (time.perf_counter() - t0) * 1000
         if k >= 2:
             served.append(t["served"])
             direct.append(t["direct"])
             diffs.append(t["served"] - t["direct"])
-            sec, meta = resp["synadapt"]["seconds"], resp["synadapt"]
+            sec, meta = answers["served"]["synadapt"]["seconds"], answers["served"]["synadapt"]
             model_s = sec["refine"] + sec["classify"] + sec["answer"] + sec["long"]
             calls = (mode != "long") + (meta["route"] == "long")
             front.append(t["served"] - sec["total"] * 1000)
             model_hop.append((sec["total"] - model_s) * 1000 / calls)
+            model_floor.append(answers["floor"]["handle_call_s"] * 1000)
+            front_floor.append(t["floor"] - model_floor[-1])
     return {"mode": mode, "pairs": len(diffs), "served_mean_ms": round(statistics.fmean(served), 1),
             "in_process_mean_ms": round(statistics.fmean(direct), 1),
             "overhead_median_ms": round(statistics.median(diffs), 1),
             "overhead_mean_ms": round(statistics.fmean(diffs), 1),
             "front_hop_median_ms": round(statistics.median(front), 1),
-            "model_hop_median_ms": round(statistics.median(model_hop), 1)}
+            "model_hop_median_ms": round(statistics.median(model_hop), 1),
+            "serve_floor_front_hop_median_ms": round(statistics.median(front_floor), 1),
+            "serve_floor_model_hop_median_ms": round(statistics.median(model_floor), 1)}
 
 
 def sigkill_replica(deployment: str) -> str:
@@ -234,6 +272,8 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, default=60.0, help="seconds per level (upper bound)")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--tau", type=float, help="tau of the auto rows (default: the config's)")
+    ap.add_argument("--serve-mode", choices=("throughput", "default"), default="throughput",
+                    help="how Serve runs (serve.launch.use_serve_mode)")
     ap.add_argument("--chaos", action="store_true", help="only the fault run: SIGKILL a replica under load")
     ap.add_argument("--chaos-deployment", default="LongCoT", help="deployment whose replica --chaos kills")
     ap.add_argument("--chaos-clients", type=int, default=4)
@@ -266,12 +306,14 @@ def main(argv=None) -> int:
     if args.chaos:
         return run_chaos(args, run_dir, questions)
     local = InProcess(run_dir, args.max_tokens, app_args.get("latent_answer_tokens", 16))
-    url = serve_run_dir(run_dir, host="127.0.0.1", port=args.port, config_path=args.config, blocking=False)
+    url = serve_run_dir(run_dir, host="127.0.0.1", port=args.port, config_path=args.config, blocking=False,
+                        mode=args.serve_mode)
     rows = []
     try:
+        floor_url = start_serve_floor(args.port)
         for m in modes:  # warm-up: the first requests after a deploy pay lazy set-up in every process
             load_level(url, questions, m, 2, 16, 60, args.max_tokens, tau)
-        overhead = {m: paired_overhead(url, local, questions, m, tau, args.max_tokens) for m in modes}
+        overhead = {m: paired_overhead(url, floor_url, local, questions, m, tau, args.max_tokens) for m in modes}
         for c in levels:
             for m in modes:
                 rows.append(load_level(url, questions, m, c, args.requests, args.duration, args.max_tokens, tau))
@@ -280,7 +322,8 @@ def main(argv=None) -> int:
         serve.shutdown()
         ray.shutdown()
     result = {"run_dir": run_dir, "run_kind": kind, "questions": len(questions), "max_tokens": args.max_tokens,
-              "tau": tau, "config": args.config or "serve/config.yaml", "cpu_count": os.cpu_count(),
+              "tau": tau, "config": args.config or "serve/config.yaml", "serve_mode": args.serve_mode,
+              "cpu_count": os.cpu_count(),
               "load_average_at_end": load_average(), "command": " ".join(sys.argv),
               "rows": rows, "overhead_per_request": overhead,
               "wall_s": round(time.time() - t_start, 1)}
@@ -295,8 +338,9 @@ def main(argv=None) -> int:
     for m, o in overhead.items():
         print(f"{m}: served {o['served_mean_ms']} ms vs in-process {o['in_process_mean_ms']} ms per request "
               f"({o['pairs']} back-to-back pairs) -> graph overhead median {o['overhead_median_ms']} ms, "
-              f"mean {o['overhead_mean_ms']} ms; per hop (median): front {o['front_hop_median_ms']} ms, "
-              f"each model call {o['model_hop_median_ms']} ms")
+              f"mean {o['overhead_mean_ms']} ms; per hop (median): front {o['front_hop_median_ms']} ms, each model "
+              f"call {o['model_hop_median_ms']} ms; Serve's own floor: front {o['serve_floor_front_hop_median_ms']} ms, "
+              f"handle call {o['serve_floor_model_hop_median_ms']} ms")
     print(f"load average {load_average()}; wrote {args.out} ({result['wall_s']} s)")
     return 0
 
@@ -310,8 +354,9 @@ def run_chaos(args, run_dir: str, questions: list[str]) -> int:
     import ray
     from ray import serve
 
-    from serve.launch import serve_run_dir
+    from serve.launch import serve_run_dir, use_serve_mode
 
+    use_serve_mode(args.serve_mode)
     ray.init(address="local", include_dashboard=True)  # the state API, which finds the replica's PID, needs it
     url = serve_run_dir(run_dir, host="127.0.0.1", port=args.port, config_path=args.config, blocking=False)
     try:
@@ -321,7 +366,8 @@ def run_chaos(args, run_dir: str, questions: list[str]) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
-    result.update(run_dir=run_dir, max_tokens=args.max_tokens, load_average_at_end=load_average(),
+    result.update(run_dir=run_dir, serve_mode=args.serve_mode, max_tokens=args.max_tokens,
+                  load_average_at_end=load_average(),
                   command=" ".join(sys.argv))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

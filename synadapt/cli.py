@@ -61,7 +61,8 @@ def cmd_serve(args, overrides: list[str]) -> int:
 
     if overrides:
         raise SystemExit(f"synadapt serve: unknown arguments {overrides}")
-    serve_run_dir(args.run_dir, host=args.host, port=args.port, config_path=args.config)
+    serve_run_dir(args.run_dir, host=args.host, port=args.port, config_path=args.config,
+                  mode=args.serve_mode)
     return 0
 
 
@@ -133,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--host", default="127.0.0.1", help="listen address (loopback unless told otherwise)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--config", help="Serve config YAML (default serve/config.yaml)")
+    sv.add_argument("--serve-mode", choices=("throughput", "default"), default="throughput",
+                    help="throughput: Ray Serve's high-throughput mode (HAProxy ingress, gRPC between deployments); "
+                         "default: Serve's Python proxy (README, Serving)")
     args, overrides = parser.parse_known_args(argv)
     if args.command in ("demo", "serve") and not in_checkout:
         print(NOT_IN_CHECKOUT.format(command=args.command), file=sys.stderr)

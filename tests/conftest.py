@@ -25,8 +25,16 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray instance (2 CPUs) shared by every Ray test; never attaches to a running cluster."""
+    """One local Ray instance (2 CPUs) shared by every Ray test; never attaches to a running cluster. Serve runs in
+    the mode ``synadapt serve`` starts it in (HAProxy ingress, gRPC between deployments)."""
     import ray
+
+    from serve.launch import use_serve_mode
+
+    use_serve_mode("throughput")
+    # An ingress replica that serves HTTP itself drains 30 s before it exits (so HAProxy stops sending it requests);
+    # the tests' serve.shutdown need not wait that long.
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
 
     ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False,
              runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}})

@@ -3,6 +3,7 @@
 One app is deployed for the whole module (about 25 s to ready on 2 cores); the replica-kill test runs last.
 """
 import json
+import os
 import socket
 import threading
 import time
@@ -336,6 +337,28 @@ def test_listens_on_loopback_only(server):
     with socket.socket() as s:
         s.settimeout(5)
         assert s.connect_ex((ip, PORT)) != 0, f"the API answers on {ip}:{PORT}"
+
+
+def test_throughput_mode_puts_haproxy_on_the_http_port(server):
+    """The session runs Serve as ``synadapt serve`` does: HAProxy, not Serve's Python proxy, owns the API port."""
+    import psutil
+
+    owners = {psutil.Process(c.pid).name() for c in psutil.net_connections("tcp")
+              if c.status == psutil.CONN_LISTEN and c.laddr.port == PORT and c.pid}
+    assert owners == {"haproxy"}, owners
+
+
+def test_serve_mode_is_checked_and_set_for_the_ray_processes(monkeypatch):
+    from serve.launch import use_serve_mode
+
+    for var in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED"):
+        monkeypatch.delenv(var, raising=False)  # restored after the test
+    with pytest.raises(ValueError, match="'fast'"):
+        use_serve_mode("fast")
+    use_serve_mode("default")
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
+    use_serve_mode("throughput")
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
 
 
 def _replicas(deployment: str) -> list[str]:
