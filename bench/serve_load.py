@@ -32,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `serve` is a top-level package of this repo
 
+from serve.launch import SERVE_MODES
 from synadapt.data.task import TaskConfig, make_splits
 
 
@@ -272,7 +273,7 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, default=60.0, help="seconds per level (upper bound)")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--tau", type=float, help="tau of the auto rows (default: the config's)")
-    ap.add_argument("--serve-mode", choices=("throughput", "default"), default="throughput",
+    ap.add_argument("--serve-mode", choices=SERVE_MODES, default="throughput",
                     help="how Serve runs (serve.launch.use_serve_mode)")
     ap.add_argument("--chaos", action="store_true", help="only the fault run: SIGKILL a replica under load")
     ap.add_argument("--chaos-deployment", default="LongCoT", help="deployment whose replica --chaos kills")

@@ -388,7 +388,6 @@ def test_broken_model_fails_its_health_check_and_is_replaced(server):
 def test_sigkill_of_a_replica_under_load_loses_no_request(server):
     """4 clients, half streaming, while the LongCoT replica's process is SIGKILLed: every request that had not
     started streaming is retried and succeeds; a stream already under way ends with an SSE error event."""
-    import os
     import signal
 
     import ray
