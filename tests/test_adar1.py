@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 
 import pytest
@@ -198,6 +199,33 @@ def test_dedupe_normalises_case_spacing_and_punctuation():
     assert [p["id"] for p in kept] == ["b"] and [p["id"] for p in removed] == ["a"]
 
 
+# ------------------------------------------------------------------------------------------------------ SFT
+
+
+def test_sft_batches_are_padding_free_and_overlong_examples_are_counted(tiny_dir, tmp_path, caplog):
+    from synadapt.adar1.train import SftConfig, TrainSettings, build_sft_trainer
+
+    rows = [{"prompt": f"a={i};" * (1 + i % 3) + "?a<think>", "completion": f"^a={i}</think>{i}"} for i in range(6)]
+    rows.append({"prompt": "a=1;" * 40 + "?a<think>", "completion": "</think>1"})  # 170 tokens
+    cfg = SftConfig(model=tiny_dir, train=TrainSettings(max_length=64, per_device_batch_size=3, max_steps=1,
+                                                        deepspeed_stage=0))
+    with caplog.at_level(logging.WARNING):
+        trainer = build_sft_trainer(cfg, rows, str(tmp_path / "work"))
+    assert len(trainer.train_dataset) == 6 and "1 of 7 examples are longer than train.max_length 64" in caplog.text
+    batch = next(iter(trainer.get_train_dataloader()))
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+    assert batch["input_ids"].shape[0] == 1 and len(starts) == 3  # three examples end to end, no pad token
+    # Kept apart: the packed row's loss is the token-weighted mean of each example's loss run alone.
+    model = trainer.model.eval()
+    ends = starts[1:] + [batch["input_ids"].shape[1]]
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"]).loss
+        parts = [(model(input_ids=batch["input_ids"][:, a:b], labels=batch["labels"][:, a:b]).loss,
+                  (batch["labels"][0, a + 1:b] != -100).sum()) for a, b in zip(starts, ends)]
+    alone = sum(loss * n for loss, n in parts) / sum(n for _, n in parts)
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------------ DPO
 
 
@@ -224,8 +252,11 @@ def test_dpo_raises_the_chosen_vs_rejected_margin(tiny_dir, tmp_path):
                                                         grad_accum=1, deepspeed_stage=0, logging_steps=1,
                                                         save_steps=100))
     trainer = build_dpo_trainer(cfg, rows, str(tmp_path / "work"))
-    assert trainer.ref_model is not None  # full fine-tune: TRL's own frozen copy of the merged model
     before = completion_logps(trainer.model.eval(), trainer.processing_class, rows)
+    # precompute_ref: no frozen copy of the model; the reference log-probs are the merged model's, computed once
+    assert trainer.ref_model is None
+    ref = torch.tensor([trainer.train_dataset["ref_chosen_logps"], trainer.train_dataset["ref_rejected_logps"]]).T
+    torch.testing.assert_close(ref, before, atol=1e-4, rtol=1e-5)
     trainer.train()
     after = completion_logps(trainer.model.eval(), trainer.processing_class, rows)
     m_before, m_after = ((lp[:, 0] - lp[:, 1]).mean().item() for lp in (before, after))
@@ -240,11 +271,12 @@ def test_dpo_sft_weight_adds_the_chosen_nll(tiny_dir, tmp_path):
             for i in range(8)]
     chosen = {}
     for weight in (0.0, 1.0):
-        cfg = DpoConfig(model=tiny_dir, sft_weight=weight,
+        cfg = DpoConfig(model=tiny_dir, sft_weight=weight, precompute_ref=False,  # TRL's frozen copy as reference
                         train=TrainSettings(learning_rate=1e-3, max_steps=6, per_device_batch_size=4, grad_accum=1,
                                             deepspeed_stage=0, logging_steps=1, save_steps=100))
         trainer = build_dpo_trainer(cfg, rows, str(tmp_path / f"work{weight}"))
         assert trainer.args.loss_type == (["sigmoid", "sft"] if weight else ["sigmoid"])
+        assert trainer.ref_model is not None
         trainer.train()
         chosen[weight] = completion_logps(trainer.model.eval(), trainer.processing_class, rows)[:, 0].mean().item()
     assert chosen[1.0] > chosen[0.0] + 0.5, chosen  # the NLL term holds the chosen response up
