@@ -125,9 +125,10 @@ class DpoConfig:
     down without raising the short chain's marker and wrote broken hybrids (0.537 accuracy)."""
     precompute_ref: bool = True
     """Compute the reference log-probabilities once, before training (TRL ``precompute_ref_log_probs``), rather than
-    a reference forward pass in every step of every epoch: no frozen copy of the model in memory, and each epoch
-    after the first costs a quarter less. Skipped, with a warning, when the ranks span nodes: TRL's rank 0 writes
-    the log-probs to a file every rank reads back, and the trainer's scratch dir is on each node's own disk."""
+    a reference forward pass in every step of every epoch: no frozen copy of the model in memory, and one pass
+    over the pairs up front instead of one per epoch (the toy's 4 epochs: 263 → 180 s of training). Skipped, with
+    a warning, when the ranks span nodes: TRL's rank 0 writes the log-probs to a file every rank reads back, and
+    the trainer's scratch dir is on each node's own disk."""
     ref_batch_size: int = 0
     """Pairs per forward pass of the reference precompute (no gradients, so it can exceed the training batch; its
     logits are batch × length × vocabulary floats); 0 = ``train.per_device_batch_size``."""
@@ -159,7 +160,8 @@ def sft_examples(problems: list[dict], tok, fmt: PromptFormat | None = None,
 
 
 def training_args(args_cls, s: TrainSettings, work_dir: str, deepspeed: dict | None, **extra):
-    """``SFTConfig``/``DPOConfig`` from the shared settings; ``deepspeed`` is a DeepSpeed config dict or None."""
+    """``SFTConfig``/``DPOConfig`` from the shared settings; ``deepspeed`` is a DeepSpeed config dict or None.
+    ``extra`` adds stage-specific fields and overrides shared ones (padding-free SFT sets ``max_length=None``)."""
     return args_cls(**{
         "output_dir": work_dir, "learning_rate": s.learning_rate, "num_train_epochs": s.epochs,
         "max_steps": s.max_steps, "per_device_train_batch_size": s.per_device_batch_size,
