@@ -2,9 +2,13 @@
 print per level the accuracy and generated tokens of the short model against long CoT on the same test questions.
 
     python bench/short_probe.py --short_format ops --max_steps 300 --threads 1 --name ops_s300
+    python bench/short_probe.py --short_format ops_only --short_steps 4 --max_steps 600 --train_part 0/2 \
+        --eval_per_level 100    # the toy short model: 8 slips in the 572 test questions of <= 4 operations
 
 The same TRL SFTTrainer as jobs.train_sft, without Ray Train, so a format is judged in minutes; writes
-bench/out/short_probe_<name>.json.
+bench/out/short_probe_<name>.json. Besides accuracy and tokens per level it counts the short model's errors by the
+number of operations in the question: with a thinking budget, the questions whose chain fits it (its "slips",
+which no router can predict) and those whose chain overflows it (which fail, predictably).
 """
 from __future__ import annotations
 
@@ -15,8 +19,10 @@ import time
 from pathlib import Path
 
 import torch
+from adar1_routing import operations
 
 from synadapt.adar1.train import SftConfig, TrainSettings, build_sft_trainer, sft_examples
+from synadapt.data.source import DataSource
 from synadapt.data.task import SHORT_FORMATS, TaskConfig, make_splits
 from synadapt.eval.evaluate import evaluate_generation
 from synadapt.eval.metrics import summarize
@@ -32,6 +38,7 @@ def main() -> int:
     p.add_argument("--max_steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--eval_per_level", type=int, default=30)
+    p.add_argument("--train_part", default="", help="'k/n': SFT on that part of the train split (the toy: 0/2)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--name", default="")
     args = p.parse_args()
@@ -42,7 +49,8 @@ def main() -> int:
     cfg = SftConfig(model=model_dir, task=task, completion_template=args.template,
                     train=TrainSettings(learning_rate=args.lr, max_steps=args.max_steps))
     base, tok = load_model(model_dir)
-    rows, _ = sft_examples(splits["train"], tok, cfg.prompt, cfg.completion_template)
+    train = DataSource(split="train", part=args.train_part).load(task)
+    rows, _ = sft_examples(train, tok, cfg.prompt, cfg.completion_template)
     t0 = time.time()
     with tempfile.TemporaryDirectory() as work:
         trainer = build_sft_trainer(cfg, rows, work)
@@ -52,8 +60,9 @@ def main() -> int:
     test = [p for lv in range(1, task.levels + 1)
             for p in [q for q in splits["test"] if q["difficulty"] == lv][:args.eval_per_level]]
     gen = GenerationConfig(max_new_tokens=96, temperature=0.0, batch_size=128)
-    rows_out = {name: summarize(name, evaluate_generation(m, tok, test, "long", gen))
-                for name, m in (("long_cot", base), ("short_cot", short))}
+    records = {name: evaluate_generation(m, tok, test, "long", gen) for name, m in (("long_cot", base),
+                                                                                   ("short_cot", short))}
+    rows_out = {name: summarize(name, recs) for name, recs in records.items()}
     lv = sorted(rows_out["long_cot"]["by_difficulty"], key=int)
     print(f"short_format {args.short_format} (budget {args.short_steps or 'none'}), {args.max_steps} steps at lr {args.lr:g}, SFT {train_seconds:.0f}s")
     print("| row | all | " + " | ".join(f"L{k}" for k in lv) + " |")
@@ -64,11 +73,19 @@ def main() -> int:
               + " | ".join(f"{d[k]['mean_generated_tokens']:.1f}" for k in lv) + " |")
     ratio = rows_out["short_cot"]["mean_generated_tokens"] / rows_out["long_cot"]["mean_generated_tokens"]
     print(f"short/long tokens {ratio:.2f}")
+    fits = {p["id"]: operations(p["question"]) <= (args.short_steps or task.levels) for p in test}
+    errors = {kind: sum(not r["correct"] and fits[r["id"]] == kind for r in records["short_cot"])
+              for kind in (True, False)}
+    counts = {kind: sum(f == kind for f in fits.values()) for kind in (True, False)}
+    print(f"short model wrong on {errors[True]} of the {counts[True]} questions whose operations fit the budget "
+          f"(slips), on {errors[False]} of the {counts[False]} that overflow it")
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
     name = args.name or f"{args.short_format}_s{args.max_steps}"
     (out / f"short_probe_{name}.json").write_text(json.dumps(
-        {"args": vars(args), "train_seconds": train_seconds, "rows": rows_out}, indent=2))
+        {"args": vars(args), "train_seconds": train_seconds, "rows": rows_out,
+         "errors": {"fit_budget": [errors[True], counts[True]], "overflow": [errors[False], counts[False]]}},
+        indent=2))
     return 0
 
 

@@ -27,6 +27,12 @@ def _coerce(value, typ, key: str):
         return build(typ, value, prefix=key + ".")
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is float and isinstance(value, str):
+        # YAML 1.1 reads "4e-4" (no dot) as a string; in a float field it can only mean the number.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if typ in (int, float, str, bool) and not isinstance(value, typ):
         raise ValueError(f"config key {key!r} must be {typ.__name__}, got {value!r}")
     if origin is list and not isinstance(value, list):

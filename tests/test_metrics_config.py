@@ -53,5 +53,9 @@ def test_config_yaml_overrides_and_errors(tmp_path):
         load_config(PipelineConfig, None, ["--task.levelz", "3"])
     with pytest.raises(ValueError, match="must be int"):
         load_config(PipelineConfig, None, {"task": {"levels": "many"}})
+    # YAML 1.1 reads 4e-4 (no dot) as a string; a float field takes it as the number, and still names a bad value.
+    assert load_config(PipelineConfig, None, ["--reasoner.lr", "4e-4"]).reasoner.lr == 4e-4
+    with pytest.raises(ValueError, match="reasoner.lr.*must be float"):
+        load_config(PipelineConfig, None, ["--reasoner.lr", "fast"])
     help_lines = "\n".join(describe(PipelineConfig))
     assert "--task.levels (default 6)" in help_lines and "Difficulty levels" in help_lines

@@ -63,6 +63,19 @@ def test_ops_short_format_skips_copies_but_not_the_asked_variable():
     assert sum(len(p["short_cot"]) for p in ops) < 0.8 * sum(len(p["short_cot"]) for p in full)
 
 
+def test_ops_only_drops_an_asked_copy_unless_nothing_else_is_written():
+    ops, only = (sample_problems(3, 30, TaskConfig(short_format=f)) for f in ("ops", "ops_only"))
+    assert [p["question"] for p in only] == [p["question"] for p in ops]
+    for o, p in zip(ops, only):
+        statements = dict(s.split("=") for s in p["question"].split(";")[1:-1])
+        set_by_op = [n for n, rhs in statements.items() if not rhs.isalpha()]
+        names = [e.split("=")[0] for e in p["short_cot"].split(",")]
+        assert names == (set_by_op or [p["question"].split("?")[1]])  # a chain of copies keeps its one entry
+        assert p["short_cot"].split(",") == [e for e in o["short_cot"].split(",") if e.split("=")[0] in names]
+        assert p["answer"] == p["short_cot"][-1]  # an asked copy holds the last written value
+    assert sum(len(p["short_cot"]) for p in only) < sum(len(p["short_cot"]) for p in ops)
+
+
 def test_ops_packed_is_ops_without_separators_and_keeps_the_budget():
     for steps in (0, 2):
         ops, packed = (sample_problems(3, 20, TaskConfig(short_format=f, short_steps=steps))

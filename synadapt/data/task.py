@@ -29,7 +29,7 @@ import random
 import string
 from dataclasses import dataclass
 
-SHORT_FORMATS = ("var_values", "ops", "ops_packed", "values")
+SHORT_FORMATS = ("var_values", "ops", "ops_only", "ops_packed", "values")
 
 
 @dataclass
@@ -46,10 +46,13 @@ class TaskConfig:
     short_format: str = "var_values"
     """The ``short_cot`` written with each problem: ``var_values`` (``y=1,n=1,b=6``: every computed variable with its
     value; the first, given in the question, is not repeated), ``ops`` (``y=1,b=6``: only the variables an operation
-    sets, plus the asked one; copies are followed silently), ``ops_packed`` (``y=1b=6``: ``ops`` without the commas, a
-    token less per entry; names and values are one character each, so nothing is ambiguous) or ``values``
-    (``4,1,1,6``, v1). Dropping ``=`` as well (``y1b6``) is not learnable by the reasoner: 0.09 at 600 steps, because
-    its long chains compute each value right after an ``=``."""
+    sets, plus the asked one; copies are followed silently), ``ops_only`` (``y=1,b=6`` as well, but ``y=1`` for
+    ``m=4;y=m+7;n=y;?n``: an asked variable that only copies is left out, its value being the last one written,
+    unless nothing else would be written; a token less per question than ``ops`` on average, and as accurate),
+    ``ops_packed`` (``y=1b=6``: ``ops`` without the commas, a token less per entry; names and values are one
+    character each, so nothing is ambiguous) or ``values`` (``4,1,1,6``, v1). Dropping ``=`` as well (``y1b6``) is
+    not learnable by the reasoner: 0.09 at 600 steps, because its long chains compute each value right after an
+    ``=``."""
     short_steps: int = 0
     """A thinking budget for ``short_cot``: at most this many entries of the chosen format, the rest of the chain left
     to the answer (0: no budget). With ``ops`` and 2, a chain of up to three operations stays answerable (the last
@@ -74,7 +77,7 @@ def make_problem(rng: random.Random, level: int, cfg: TaskConfig) -> dict:
     value = rng.randrange(cfg.modulus)
     statements = [f"{names[0]}={value}"]
     steps = [f"{names[0]}={value}"]
-    values, kept = [value], []
+    values, kept, set_by_op = [value], [], []
     for i in range(1, level + 1):
         kept.append(i == level)  # the asked variable is always written, so no short chain is empty
         if rng.random() < cfg.copy_share:
@@ -85,11 +88,12 @@ def make_problem(rng: random.Random, level: int, cfg: TaskConfig) -> dict:
             value = {"+": value + operand, "-": value - operand, "*": value * operand}[op] % cfg.modulus
             statements.append(f"{names[i]}={names[i - 1]}{op}{operand}")
             steps.append(f"{names[i]}={values[-1]}{op}{operand}={value}")
+            set_by_op.append(f"{names[i]}={value}")
             kept[-1] = True
         values.append(value)
     ops = [f"{n}={v}" for n, v, c in zip(names[1:], values[1:], kept) if c]
     short = {"var_values": [f"{n}={v}" for n, v in zip(names[1:], values[1:])], "ops": ops, "ops_packed": ops,
-             "values": [str(v) for v in values]}[cfg.short_format]
+             "ops_only": set_by_op or ops, "values": [str(v) for v in values]}[cfg.short_format]
     if cfg.short_steps:
         short = short[:cfg.short_steps]
     question = ";".join(statements) + f";?{names[-1]}"
