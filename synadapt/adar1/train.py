@@ -121,7 +121,7 @@ class DpoConfig:
     """TRL loss type; AdaR1 uses the standard sigmoid DPO loss, no length normalisation."""
     sft_weight: float = 0.0
     """Weight of an NLL term on the chosen response added to the DPO loss (TRL ``loss_type=[..., "sft"]``, RPO);
-    0 is AdaR1's plain DPO. The toy sets 10: with DPO alone the tiny merged model pushed the long chain's first token
+    0 is AdaR1's plain DPO. The toy sets 20: with DPO alone the tiny merged model pushed the long chain's first token
     down without raising the short chain's marker and wrote broken hybrids (0.537 accuracy)."""
     precompute_ref: bool = True
     """Compute the reference log-probabilities once, before training (TRL ``precompute_ref_log_probs``), rather than
