@@ -23,7 +23,7 @@ from adar1_routing import operations
 
 from synadapt.adar1.train import SftConfig, TrainSettings, build_sft_trainer, sft_examples
 from synadapt.data.source import DataSource
-from synadapt.data.task import SHORT_FORMATS, TaskConfig, make_splits
+from synadapt.data.task import SHORT_FORMATS, TaskConfig
 from synadapt.eval.evaluate import evaluate_generation
 from synadapt.eval.metrics import summarize
 from synadapt.models.lm import GenerationConfig, load_model
@@ -44,7 +44,6 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     task = TaskConfig(short_format=args.short_format, short_steps=args.short_steps)
-    splits = make_splits(task)
     model_dir = str(reasoner_dir(TaskConfig(), TinyReasonerConfig()))  # the shipped reasoner, whatever the format
     cfg = SftConfig(model=model_dir, task=task, completion_template=args.template,
                     train=TrainSettings(learning_rate=args.lr, max_steps=args.max_steps))
@@ -57,8 +56,9 @@ def main() -> int:
         trainer.train()
         train_seconds = time.time() - t0
         short = trainer.model.eval()
+    all_test = DataSource(split="test").load(task)
     test = [p for lv in range(1, task.levels + 1)
-            for p in [q for q in splits["test"] if q["difficulty"] == lv][:args.eval_per_level]]
+            for p in [q for q in all_test if q["difficulty"] == lv][:args.eval_per_level]]
     gen = GenerationConfig(max_new_tokens=96, temperature=0.0, batch_size=128)
     records = {name: evaluate_generation(m, tok, test, "long", gen) for name, m in (("long_cot", base),
                                                                                    ("short_cot", short))}
