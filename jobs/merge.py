@@ -4,7 +4,7 @@
     python -m jobs.merge ... --sweep '[0.5, 0.6, 0.7, 0.8, 0.9]'
 
 A single merge needs no Ray. A sweep merges each α on the driver (one at a time, streaming) while Ray tasks
-evaluate the merged models on the validation split in long-CoT mode; the winner (rule in ``MergeConfig.sweep``)
+evaluate the merged models on the validation split in long-CoT mode; the winner (``MergeConfig.rule``)
 is moved to ``output_dir`` and every α's accuracy and length is written to ``sweep.json``.
 """
 from __future__ import annotations
@@ -73,14 +73,16 @@ def run_merge(cfg: MergeConfig) -> str:
         results.append(row)
         log.info("alpha %.3f: accuracy %.3f, mean generated tokens %.1f", alpha, row["accuracy"],
                  row["mean_generated_tokens"])
-    best = pick_alpha(results, cfg.acc_tolerance)
+    best = pick_alpha(results, cfg.acc_tolerance, cfg.rule)
     _clear(out)
     best_dir = sweep_dir / f"alpha-{best['alpha']:.3f}"
     (shutil.copytree if cfg.keep_sweep_models else shutil.move)(str(best_dir), str(out))
     if not cfg.keep_sweep_models:
         shutil.rmtree(sweep_dir, ignore_errors=True)
-    sweep = {"rule": "highest validation accuracy (ties within acc_tolerance), then shortest mean generated "
-                     "length, then larger alpha",
+    rules = {"accuracy": "highest validation accuracy (ties within acc_tolerance), then shortest mean generated "
+                         "length, then larger alpha",
+             "rel_g": "highest validation accuracy per generated token, then larger alpha"}
+    sweep = {"rule": cfg.rule, "rule_text": rules[cfg.rule],
              "acc_tolerance": cfg.acc_tolerance, "best_alpha": best["alpha"], "model_dir": str(out),
              "validation_questions": len(problems), "results": results, "config": asdict(cfg)}
     (out / "sweep.json").write_text(json.dumps(sweep, indent=2, default=str))

@@ -157,8 +157,10 @@ def run_sft(cfg: SftConfig) -> str:
     tok = AutoTokenizer.from_pretrained(cfg.model)
     task = replace(cfg.task, short_format=cfg.short_format or cfg.task.short_format,  # TaskConfig checks both
                    short_steps=cfg.short_steps or cfg.task.short_steps)
-    rows, skipped = sft_examples(cfg.data.load(task), tok, cfg.prompt, cfg.completion_template)
-    log.info("sft: %d short-CoT examples (%d problems without short_cot skipped)", len(rows), skipped)
+    rows, skipped = sft_examples(cfg.data.load(task), tok, cfg.prompt, cfg.completion_template, cfg.rehearsal_share)
+    rehearsal = sum(r["kind"] == "rehearsal" for r in rows)
+    log.info("sft: %d short-CoT examples and %d long-CoT rehearsals (%d problems without short_cot skipped)",
+             len(rows) - rehearsal, rehearsal, skipped)
     write_jsonl(Path(cfg.output_dir) / "sft_data.jsonl", rows)
     return fit_and_export(build_sft_trainer, cfg, rows, "sft")
 

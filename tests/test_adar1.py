@@ -125,6 +125,13 @@ def test_pick_alpha_rule():
             {"alpha": 0.9, "accuracy": 0.95, "mean_generated_tokens": 18.0}]
     assert pick_alpha(rows)["alpha"] == 0.9
     assert pick_alpha(rows, acc_tolerance=0.05)["alpha"] == 0.6
+    # Accuracy per token: 0.09 at 0.6 against 0.053 at 0.9; a tie goes to the larger alpha.
+    assert pick_alpha(rows, rule="rel_g")["alpha"] == 0.6
+    assert pick_alpha(rows + [{"alpha": 0.7, "accuracy": 0.45, "mean_generated_tokens": 5.0}], rule="rel_g")["alpha"] == 0.7
+    from synadapt.adar1.merge import MergeConfig
+
+    with pytest.raises(ValueError, match="unknown merge rule 'shortest'"):
+        MergeConfig(rule="shortest")
 
 
 # ------------------------------------------------------------------------------------------------ preferences
@@ -180,11 +187,22 @@ def test_pairs_mixed_only_short_correct_and_identical_texts():
              {"text": "S3", "correct": False, "tokens": 7}, {"text": "S4", "correct": False, "tokens": 6}]
     out = build_pairs(long, short, k=4, m1=100, rng=random.Random(0))
     assert out["preferred"] == "short"
-    assert sorted(pairs_of(out, "group")) == sorted(("same", r) for r in ("L1", "L2", "L3", "L4") for _ in (0, 1))
+    # Two samples of one text make one candidate pair per rejected response, not two copies of it.
+    assert sorted(pairs_of(out, "group")) == [("same", r) for r in ("L1", "L2", "L3", "L4")]
     assert pairs_of(out, "instance") == [("same", "S3"), ("same", "S4")]
-    # A preferred group of identical correct answers gives no instance pair: there is nothing to prefer.
-    out = build_pairs(group("L", [(False, 5)] * 4), [{"text": "x", "correct": True, "tokens": 1}] * 4, k=4)
-    assert pairs_of(out, "instance") == [] and len(pairs_of(out, "group")) == 4
+    # A preferred group of identical correct answers gives no instance pair: there is nothing to prefer. A
+    # rejected group of one wrong text gives one group-level pair, however large M1.
+    out = build_pairs([{"text": "w", "correct": False, "tokens": 5}] * 4,
+                      [{"text": "x", "correct": True, "tokens": 1}] * 4, k=4)
+    assert pairs_of(out, "instance") == [] and pairs_of(out, "group") == [("x", "w")]
+
+
+def test_instance_pairs_reject_distinct_texts():
+    long = group("L", [(False, 9)] * 4)
+    short = [{"text": "S1", "correct": True, "tokens": 2}, {"text": "long-wrong", "correct": False, "tokens": 9},
+             {"text": "long-wrong", "correct": False, "tokens": 9}, {"text": "S4", "correct": False, "tokens": 5}]
+    out = build_pairs(long, short, k=4, rng=random.Random(0))
+    assert pairs_of(out, "instance") == [("S1", "long-wrong"), ("S1", "S4")]
 
 
 def test_group_threshold_is_half_over_k():
@@ -224,6 +242,30 @@ def test_sft_batches_are_padding_free_and_overlong_examples_are_counted(tiny_dir
                   (batch["labels"][0, a + 1:b] != -100).sum()) for a, b in zip(starts, ends)]
     alone = sum(loss * n for loss, n in parts) / sum(n for _, n in parts)
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_sft_rehearsal_continues_the_long_chain_from_its_first_token(tiny_dir):
+    from synadapt.adar1.train import sft_examples
+    from synadapt.data.source import DataSource
+    from synadapt.data.task import TaskConfig
+    from synadapt.models.lm import load_model
+
+    _, tok = load_model(tiny_dir, device="cpu")
+    problems = DataSource(limit=40).load(TaskConfig(short_format="ops_only"))
+    rows, skipped = sft_examples(problems, tok, template="^{short_cot}{think_end}{answer}", rehearsal_share=1.0)
+    assert skipped == 0 and [r["kind"] for r in rows] == ["short", "rehearsal"] * 40
+    for p, short, rehearsal in zip(problems, rows[::2], rows[1::2]):
+        # The first token of the long chain (its first variable) is prompt, so it is never scored: the model learns
+        # to go on with a long chain, not to start one.
+        assert rehearsal["prompt"] == short["prompt"] + p["long_cot"][0]
+        assert rehearsal["prompt"] + rehearsal["completion"] == short["prompt"] + p["long_cot"] + "</think>" + p["answer"]
+        assert short["completion"] == f"^{p['short_cot']}</think>{p['answer']}"
+    half = [r["id"] for r in sft_examples(problems, tok, rehearsal_share=0.5)[0] if r["kind"] == "rehearsal"]
+    assert 8 <= len(half) <= 32 and half == [r["id"] for r in sft_examples(problems, tok, rehearsal_share=0.5)[0]
+                                             if r["kind"] == "rehearsal"]  # chosen by id: the same every time
+    assert all(r["kind"] == "short" for r in sft_examples(problems, tok)[0])
+    with pytest.raises(ValueError, match="rehearsal_share must be in"):
+        sft_examples(problems, tok, rehearsal_share=1.5)
 
 
 # ------------------------------------------------------------------------------------------------------ DPO

@@ -102,6 +102,10 @@ def test_the_shipped_reasoner_stays_valid_for_the_default_task():
 
     assert reasoner_dir(TaskConfig(), TinyReasonerConfig()) == SHIPPED_DIR
     assert reasoner_dir(TaskConfig(short_steps=2), TinyReasonerConfig()) != SHIPPED_DIR  # other problems, other key
+    assert reasoner_dir(TaskConfig(val_per_level=10), TinyReasonerConfig()) != SHIPPED_DIR  # other held-out questions
+    # The reasoner never reads the train split (val and test are drawn first and do not move with it).
+    assert reasoner_dir(TaskConfig(train_per_level=600), TinyReasonerConfig()) == SHIPPED_DIR
+    assert make_splits(TaskConfig(train_per_level=600))["test"] == make_splits(TaskConfig())["test"]
 
 
 def test_level_and_ops_knobs():

@@ -53,11 +53,15 @@ class MergeConfig:
     alpha: float = 0.8
     """Weight of the long model: θ = α·θ_long + (1−α)·θ_short (0.8 in the released AdaR1 recipe)."""
     sweep: list[float] = field(default_factory=list)
-    """α values to compare on ``val`` (long-CoT mode); empty merges at ``alpha`` only. Rule: highest accuracy;
-    values within ``acc_tolerance`` of it tie, and among ties the shortest mean generated length wins (then the
-    larger α)."""
+    """α values to compare on ``val`` (long-CoT mode); empty merges at ``alpha`` only. The winner is picked by
+    ``rule``."""
+    rule: str = "accuracy"
+    """How the sweep picks α. ``accuracy``: the highest accuracy; values within ``acc_tolerance`` of it tie, and
+    among ties the shortest mean generated length wins (then the larger α). ``rel_g``: the highest accuracy per
+    generated token (the order of Rel-G against any fixed model), then the larger α: AdaR1 wants a start that is
+    short and still right, and the accuracy rule keeps the long end whenever merging costs any accuracy."""
     acc_tolerance: float = 0.0
-    """Accuracy gap to the best α within which α values count as tied."""
+    """Accuracy gap to the best α within which α values count as tied (``rule: accuracy``)."""
     keep_sweep_models: bool = False
     """Keep every swept model under ``<output_dir>-sweep/`` (else only the selected one survives)."""
     max_shard_gb: float = 2.0
@@ -76,11 +80,22 @@ class MergeConfig:
     """torch threads per evaluation task."""
 
 
-def pick_alpha(results: list[dict], acc_tolerance: float = 0.0) -> dict:
-    """The sweep winner among ``{"alpha", "accuracy", "mean_generated_tokens"}`` rows: accuracy within
-    ``acc_tolerance`` of the best ties; among ties the shortest mean length, then the larger α."""
+    def __post_init__(self):
+        if self.rule not in MERGE_RULES:
+            raise ValueError(f"unknown merge rule {self.rule!r}; expected one of {MERGE_RULES}")
+
+
+MERGE_RULES = ("accuracy", "rel_g")
+
+
+def pick_alpha(results: list[dict], acc_tolerance: float = 0.0, rule: str = "accuracy") -> dict:
+    """The sweep winner among ``{"alpha", "accuracy", "mean_generated_tokens"}`` rows (rules in
+    :attr:`MergeConfig.rule`). ``accuracy``: accuracy within ``acc_tolerance`` of the best ties; among ties the
+    shortest mean length, then the larger α. ``rel_g``: the highest accuracy per generated token, then the larger α."""
     if not results:
         raise ValueError("no sweep results to pick from")
+    if rule == "rel_g":
+        return max(results, key=lambda r: (r["accuracy"] / max(r["mean_generated_tokens"], 1e-9), r["alpha"]))
     best = max(r["accuracy"] for r in results)
     tied = [r for r in results if r["accuracy"] >= best - acc_tolerance - 1e-12]
     return min(tied, key=lambda r: (r["mean_generated_tokens"], -r["alpha"]))

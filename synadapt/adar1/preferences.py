@@ -12,9 +12,11 @@ Per question, K sampled responses from the long model and K from the short model
   responses (its longest wrong ones when it has wrong ones).
 - Questions where both groups score 0 are dropped.
 
-[ours] A pair whose chosen and rejected texts are identical is skipped (it carries no DPO signal), so a group of
-identical correct answers yields no instance pair. Length ties break by sampling order, so results are
-deterministic given ``rng``.
+[ours] Pairs are of distinct texts: a pair whose chosen and rejected texts are identical is skipped (it carries no
+DPO signal), so a group of identical correct answers yields no instance pair, and the M1 group-level pairs are drawn
+from the distinct (chosen, rejected) text pairs, so a model that samples one text many times (the tiny reasoner's
+twelve long samples of a question are nearly always one chain) gives one pair, not M1 copies of it. Length ties
+break by sampling order, so results are deterministic given ``rng``.
 """
 from __future__ import annotations
 
@@ -117,7 +119,8 @@ def build_pairs(long_group: list[dict], short_group: list[dict], k: int | None =
 
     chosen_pool = [r for r in preferred if r["correct"]] or preferred
     rejected_pool = [r for r in other if not r["correct"]] or other
-    candidates = [(c, r) for c in chosen_pool for r in rejected_pool if c["text"] != r["text"]]
+    candidates = list({(c["text"], r["text"]): (c, r) for c in chosen_pool for r in rejected_pool
+                       if c["text"] != r["text"]}.values())  # the first sample of each text pair, in sampling order
     for c, r in rng.sample(candidates, min(m1, len(candidates))):
         result["pairs"].append(_pair(c, r, "group"))
 
@@ -125,8 +128,11 @@ def build_pairs(long_group: list[dict], short_group: list[dict], k: int | None =
     if correct:
         shortest = min(correct, key=lambda r: r["tokens"])  # min keeps the first of equal lengths
         wrong = [r for r in preferred if not r["correct"]]
-        pool = [r for r in (wrong or preferred) if r is not shortest and r["text"] != shortest["text"]]
-        longest = sorted(pool, key=lambda r: -r["tokens"])[:m2]  # sorted is stable: ties keep sampling order
+        distinct: dict[str, dict] = {}
+        for r in wrong or preferred:
+            if r["text"] != shortest["text"]:
+                distinct.setdefault(r["text"], r)  # the first sample of each text, in sampling order
+        longest = sorted(distinct.values(), key=lambda r: -r["tokens"])[:m2]  # stable: ties keep sampling order
         result["pairs"] += [_pair(shortest, r, "instance") for r in longest]
     return result
 

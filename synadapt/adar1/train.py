@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,6 +102,12 @@ class SftConfig:
     ``task.short_steps``."""
     completion_template: str = "{short_cot}{think_end}{answer}"
     """Target after the prompt; fields: short_cot, answer, think_end. TRL appends the tokenizer's EOS."""
+    rehearsal_share: float = 0.0
+    """[ours] Share of the problems that also give a rehearsal example: the long model's own chain of thought (the
+    problem's ``long_cot``, ``{long_cot}{think_end}{answer}``) with its first token moved into the prompt, so the
+    loss teaches the model to go on with a long chain once started but never to start one. Fine-tuned on short
+    chains alone the short model forgets the long one, and every merge near it does too; DPO must then learn the
+    long chains from the few questions that prefer them. 0 is AdaR1's short model."""
     prompt: PromptFormat = field(default_factory=PromptFormat)
     train: TrainSettings = field(default_factory=TrainSettings)
 
@@ -139,20 +146,30 @@ class DpoConfig:
 
 
 def sft_examples(problems: list[dict], tok, fmt: PromptFormat | None = None,
-                 template: str = SftConfig.completion_template) -> tuple[list[dict], int]:
-    """TRL prompt/completion rows: the long-CoT prompt of each question and its short-CoT target.
+                 template: str = SftConfig.completion_template, rehearsal_share: float = 0.0) -> tuple[list[dict], int]:
+    """TRL prompt/completion rows: the long-CoT prompt of each question and its short-CoT target, plus, for a
+    ``rehearsal_share`` of the problems (chosen by id), the long CoT continued from its first token
+    (:attr:`SftConfig.rehearsal_share`). Each row's ``kind`` is ``short`` or ``rehearsal``.
 
     Returns (rows, skipped) where skipped counts problems without a ``short_cot``.
     """
+    if not 0.0 <= rehearsal_share <= 1.0:
+        raise ValueError(f"sft rehearsal_share must be in [0, 1], got {rehearsal_share}")
     fmt = fmt or PromptFormat()
     rows, skipped = [], 0
     for p in problems:
         if not p.get("short_cot"):
             skipped += 1
             continue
+        prompt = build_prompt(tok, p["question"], "long", fmt)
         completion = template.format(short_cot=p["short_cot"], answer=p["answer"], think_end=fmt.think_end)
-        rows.append({"id": p["id"], "prompt": build_prompt(tok, p["question"], "long", fmt),
-                     "completion": completion})
+        rows.append({"id": p["id"], "kind": "short", "prompt": prompt, "completion": completion})
+        if p.get("long_cot") and random.Random(f"rehearsal:{p['id']}").random() < rehearsal_share:
+            long = f"{p['long_cot']}{fmt.think_end}{p['answer']}"
+            first = tok.decode(tok(long, add_special_tokens=False).input_ids[:1])
+            if long.startswith(first) and len(first) < len(long):  # a byte-level piece may not decode to a prefix
+                rows.append({"id": f"{p['id']}-rehearsal", "kind": "rehearsal", "prompt": prompt + first,
+                             "completion": long[len(first):]})
     if not rows:
         raise ValueError(f"none of the {len(problems)} problems has a short_cot; map the short solution column with "
                          "data.field_map (e.g. {short_cot: short_solution})")

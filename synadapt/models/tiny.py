@@ -193,11 +193,21 @@ def train_tiny_reasoner(out_dir: str | Path, cfg: TinyReasonerConfig, task: Task
 
 def task_key(task: TaskConfig) -> dict:
     """The task settings a reasoner is keyed by. ``short_steps`` came after the shipped checkpoint and at 0 draws
-    the same problems, so it is left out there: the checkpoint (and every cached one) stays valid."""
+    the same problems, so it is left out there: the checkpoint (and every cached one) stays valid. The train split's
+    size is left out too: the reasoner trains on a fresh stream that excludes only val and test, which are drawn
+    before train and do not move with it."""
     key = asdict(task)
+    del key["train_per_level"]
     if not key["short_steps"]:
         del key["short_steps"]
     return key
+
+
+def _trained_for(stats: dict, cfg: TinyReasonerConfig, task: TaskConfig) -> bool:
+    """Whether a checkpoint's ``training_stats.json`` says it was trained with these configs."""
+    recorded = stats.get("task")
+    return (stats.get("config") == asdict(cfg) and isinstance(recorded, dict)
+            and task_key(TaskConfig(**recorded)) == task_key(task))
 
 
 def ensure_tiny_reasoner(out_dir: str | Path, cfg: TinyReasonerConfig, task: TaskConfig) -> dict:
@@ -205,7 +215,7 @@ def ensure_tiny_reasoner(out_dir: str | Path, cfg: TinyReasonerConfig, task: Tas
     stats_file = Path(out_dir) / "training_stats.json"
     if stats_file.exists():
         stats = json.loads(stats_file.read_text())
-        if stats.get("config") == asdict(cfg) and stats.get("task") == task_key(task):
+        if _trained_for(stats, cfg, task):
             log.info("reusing tiny reasoner in %s", out_dir)
             return stats
     return train_tiny_reasoner(out_dir, cfg, task)
@@ -219,10 +229,8 @@ def reasoner_dir(task: TaskConfig, cfg: TinyReasonerConfig) -> Path:
     """Where the tiny reasoner for these configs lives: the shipped checkpoint when it was trained with exactly
     these configs, else ``$SYNADAPT_CACHE`` (default ``~/.cache/synadapt``) keyed by the configs."""
     stats = SHIPPED_DIR / "training_stats.json"
-    if stats.exists():
-        shipped = json.loads(stats.read_text())
-        if shipped.get("config") == asdict(cfg) and shipped.get("task") == task_key(task):
-            return SHIPPED_DIR
+    if stats.exists() and _trained_for(json.loads(stats.read_text()), cfg, task):
+        return SHIPPED_DIR
     key = hashlib.sha256(json.dumps([asdict(cfg), task_key(task)], sort_keys=True).encode()).hexdigest()
     cache = Path(os.environ.get("SYNADAPT_CACHE", Path.home() / ".cache" / "synadapt"))
     return cache / f"tiny-reasoner-{key[:12]}"
