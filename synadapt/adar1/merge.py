@@ -79,7 +79,6 @@ class MergeConfig:
     threads: int = 1
     """torch threads per evaluation task."""
 
-
     def __post_init__(self):
         if self.rule not in MERGE_RULES:
             raise ValueError(f"unknown merge rule {self.rule!r}; expected one of {MERGE_RULES}")
