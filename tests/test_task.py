@@ -1,7 +1,8 @@
+import random
+
 import pytest
 
 from synadapt.data.task import TaskConfig, make_problem, make_splits, sample_problems
-import random
 
 
 def _value_of(question: str) -> int:
