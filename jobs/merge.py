@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from jobs.common import init_ray, load_stage_config
-from synadapt.adar1.merge import MergeConfig, merge_checkpoints, pick_alpha
+from synadapt.adar1.merge import MERGE_RULES, MergeConfig, merge_checkpoints, pick_alpha
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,7 @@ def run_merge(cfg: MergeConfig) -> str:
     (shutil.copytree if cfg.keep_sweep_models else shutil.move)(str(best_dir), str(out))
     if not cfg.keep_sweep_models:
         shutil.rmtree(sweep_dir, ignore_errors=True)
-    rules = {"accuracy": "highest validation accuracy (ties within acc_tolerance), then shortest mean generated "
-                         "length, then larger alpha",
-             "rel_g": "highest validation accuracy per generated token, then larger alpha"}
-    sweep = {"rule": cfg.rule, "rule_text": rules[cfg.rule],
+    sweep = {"rule": cfg.rule, "rule_text": MERGE_RULES[cfg.rule],
              "acc_tolerance": cfg.acc_tolerance, "best_alpha": best["alpha"], "model_dir": str(out),
              "validation_questions": len(problems), "results": results, "config": asdict(cfg)}
     (out / "sweep.json").write_text(json.dumps(sweep, indent=2, default=str))

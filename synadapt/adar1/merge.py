@@ -81,10 +81,13 @@ class MergeConfig:
 
     def __post_init__(self):
         if self.rule not in MERGE_RULES:
-            raise ValueError(f"unknown merge rule {self.rule!r}; expected one of {MERGE_RULES}")
+            raise ValueError(f"unknown merge rule {self.rule!r}; expected one of {tuple(MERGE_RULES)}")
 
 
-MERGE_RULES = ("accuracy", "rel_g")
+MERGE_RULES = {"accuracy": "highest validation accuracy (ties within acc_tolerance), then shortest mean generated "
+                          "length, then larger alpha",
+               "rel_g": "highest validation accuracy per generated token, then larger alpha"}
+"""The sweep rules of :func:`pick_alpha` and how ``sweep.json`` describes each."""
 
 
 def pick_alpha(results: list[dict], acc_tolerance: float = 0.0, rule: str = "accuracy") -> dict:
